@@ -1,0 +1,11 @@
+//! egress-agent: compiles ordered egress policies into the dataplane's BPF
+//! maps and runs the TC programs that steer each flow out of the right
+//! egress address. The library is what the binary and the tests share.
+
+pub mod cli;
+pub mod cmd;
+pub mod counters;
+pub mod loader;
+pub mod local;
+pub mod policy;
+pub mod tables;

@@ -1,0 +1,11 @@
+//! Egress policies: the model, the file format, the reference evaluator and
+//! the compiler to dataplane tables.
+
+pub mod compile;
+pub mod eval;
+pub mod model;
+pub mod parse;
+
+pub use compile::{Compiled, compile};
+pub use model::PolicySet;
+pub use parse::{PolicyError, load, parse};

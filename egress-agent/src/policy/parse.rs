@@ -1,0 +1,504 @@
+//! Reading a policy file: JSON syntax, field types and every semantic rule,
+//! each failure reported with the JSON path of the value at fault, e.g.
+//! `policies[2].selector.dst[0]: invalid CIDR "10.0.0.0/33": ...`.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+    str::FromStr,
+};
+
+use ipnet::IpNet;
+use serde::{
+    Deserialize, Deserializer,
+    de::{self, MapAccess, Visitor},
+};
+
+use super::model::{
+    Action, DefaultEgress, Egress, Nat, Policy, PolicySet, Pool, PortRange, Protocol, Selector,
+};
+
+/// Why a policy file was rejected. Displayed as one line naming the place at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("not valid JSON: {message}")]
+    Syntax { message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl PolicyError {
+    fn invalid(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Most policies one set may hold (bits in a classifier row).
+pub const MAX_POLICIES: usize = egress_common::classify::MAX_POLICIES as usize;
+/// Most IPv4 addresses in one pool.
+pub const MAX_POOL_V4: usize = egress_common::classify::POOL_MAX_V4;
+/// Most pools besides the default egress.
+pub const MAX_POOLS: usize = egress_common::classify::MAX_POOLS as usize - 1;
+const MAX_NAME_LEN: usize = 128;
+
+pub fn load(path: &Path) -> Result<PolicySet, PolicyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&text)
+}
+
+pub fn parse(text: &str) -> Result<PolicySet, PolicyError> {
+    // serde would also accept an array for the top-level struct; a policy
+    // file is an object.
+    match text.trim_start().chars().next() {
+        Some('{') => {}
+        None => {
+            return Err(PolicyError::Syntax {
+                message: "the file is empty".into(),
+            });
+        }
+        Some(_) if serde_json::from_str::<serde_json::Value>(text).is_ok() => {
+            return Err(PolicyError::invalid(
+                "(top level)",
+                "expected a JSON object with egress_pools, default_egress and policies",
+            ));
+        }
+        Some(_) => {}
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    let file: FileJson = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                PolicyError::Syntax {
+                    message: inner.to_string(),
+                }
+            }
+            _ if path == "." => PolicyError::invalid("(top level)", inner.to_string()),
+            _ => PolicyError::invalid(path, inner.to_string()),
+        }
+    })?;
+    de.end().map_err(|err| PolicyError::Syntax {
+        message: err.to_string(),
+    })?;
+    file.validate()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileJson {
+    #[serde(default, deserialize_with = "unique_keys")]
+    egress_pools: Vec<(String, PoolJson)>,
+    default_egress: DefaultEgressJson,
+    policies: Vec<PolicyJson>,
+    #[serde(default)]
+    nat: NatJson,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolJson {
+    #[serde(default)]
+    ipv4: Vec<Ipv4Addr>,
+    #[serde(default)]
+    ipv6: Option<Cidr>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DefaultEgressJson {
+    ipv4: Ipv4Addr,
+    #[serde(default)]
+    ipv6: Option<std::net::Ipv6Addr>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyJson {
+    name: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default = "enabled_by_default")]
+    enabled: bool,
+    selector: SelectorJson,
+    action: ActionJson,
+}
+
+fn enabled_by_default() -> bool {
+    true
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SelectorJson {
+    #[serde(default)]
+    src: Vec<Cidr>,
+    #[serde(default)]
+    dst: Vec<Cidr>,
+    #[serde(default)]
+    protocols: Vec<Protocol>,
+    #[serde(default)]
+    dst_ports: Vec<PortRange>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionJson {
+    egress: String,
+    #[serde(default)]
+    mark: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NatJson {
+    #[serde(default)]
+    port_range: Option<PortRange>,
+}
+
+/// An address or CIDR as written in the file; a bare address is a host prefix.
+#[derive(Clone, Copy, Debug)]
+pub struct Cidr(pub IpNet);
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let invalid = |why: String| format!("invalid CIDR {s:?}: {why}");
+        let (addr, len) = match s.split_once('/') {
+            Some((addr, len)) => (addr, Some(len)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| invalid(format!("{addr:?} is not an IPv4 or IPv6 address")))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            None => max,
+            Some(len) => {
+                let len: u8 = len
+                    .parse()
+                    .map_err(|_| invalid(format!("prefix length {len:?} is not a number")))?;
+                if len > max {
+                    return Err(invalid(format!(
+                        "prefix length {len} is more than {max} for an {} address",
+                        if max == 32 { "IPv4" } else { "IPv6" }
+                    )));
+                }
+                len
+            }
+        };
+        let net = IpNet::new(addr, len).map_err(|e| invalid(e.to_string()))?;
+        if net.network() != addr {
+            return Err(invalid(format!(
+                "host bits are set (the network is {})",
+                net.trunc()
+            )));
+        }
+        Ok(Self(net))
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let port = |p: &str| -> Result<u16, String> {
+            let n: u32 = p
+                .trim()
+                .parse()
+                .map_err(|_| format!("invalid port {s:?}: {p:?} is not a number"))?;
+            u16::try_from(n).map_err(|_| format!("invalid port {s:?}: {n} is outside 0-65535"))
+        };
+        match s.split_once('-') {
+            None => {
+                let p = port(s)?;
+                Ok(Self { first: p, last: p })
+            }
+            Some((a, b)) => {
+                let (first, last) = (port(a)?, port(b)?);
+                if first > last {
+                    return Err(format!("invalid port range {s:?}: {first} is after {last}"));
+                }
+                Ok(Self { first, last })
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct PortVisitor;
+        impl Visitor<'_> for PortVisitor {
+            type Value = PortRange;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a port (443 or \"443\") or a range (\"8000-8100\")")
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<PortRange, E> {
+                let p = u16::try_from(n)
+                    .map_err(|_| E::custom(format!("invalid port {n}: outside 0-65535")))?;
+                Ok(PortRange { first: p, last: p })
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<PortRange, E> {
+                Err(E::custom(format!("invalid port {n}: outside 0-65535")))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<PortRange, E> {
+                s.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(PortVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Protocol {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Protocol::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(&s))
+            .ok_or_else(|| {
+                de::Error::custom(format!(
+                    "unknown protocol {s:?}: expected tcp, udp, icmp or icmpv6"
+                ))
+            })
+    }
+}
+
+/// A JSON object read in file order, rejecting a key given twice (which
+/// serde_json would otherwise silently resolve to the last value).
+fn unique_keys<'de, D, V>(d: D) -> Result<Vec<(String, V)>, D::Error>
+where
+    D: Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    struct Entries<V>(std::marker::PhantomData<V>);
+    impl<'de, V: Deserialize<'de>> Visitor<'de> for Entries<V> {
+        type Value = Vec<(String, V)>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an object of named pools")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out: Vec<(String, V)> = Vec::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if out.iter().any(|(k, _)| *k == key) {
+                    return Err(de::Error::custom(format!("pool {key:?} is defined twice")));
+                }
+                let value = map.next_value()?;
+                out.push((key, value));
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Entries(std::marker::PhantomData))
+}
+
+fn check_name(path: &str, name: &str, what: &str) -> Result<(), PolicyError> {
+    if name.trim().is_empty() {
+        return Err(PolicyError::invalid(path, format!("{what} name is empty")));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(PolicyError::invalid(
+            path,
+            format!("{what} name is longer than {MAX_NAME_LEN} bytes"),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(PolicyError::invalid(
+            path,
+            format!("{what} name {name:?} contains control characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_unicast(path: &str, addr: Ipv4Addr) -> Result<(), PolicyError> {
+    if addr.is_unspecified() || addr.is_multicast() || addr.is_broadcast() || addr.is_loopback() {
+        return Err(PolicyError::invalid(
+            path,
+            format!("{addr} cannot be an egress address (not a unicast host address)"),
+        ));
+    }
+    Ok(())
+}
+
+impl FileJson {
+    fn validate(self) -> Result<PolicySet, PolicyError> {
+        if self.egress_pools.len() > MAX_POOLS {
+            return Err(PolicyError::invalid(
+                "egress_pools",
+                format!(
+                    "{} pools, at most {MAX_POOLS} are supported",
+                    self.egress_pools.len()
+                ),
+            ));
+        }
+        let mut pools = Vec::with_capacity(self.egress_pools.len());
+        for (name, pool) in self.egress_pools {
+            let path = format!("egress_pools.{name}");
+            check_name(&path, &name, "pool")?;
+            if name == "default" || name == "bypass" {
+                return Err(PolicyError::invalid(
+                    path,
+                    format!("pool name {name:?} is reserved for the built-in action"),
+                ));
+            }
+            if pool.ipv4.is_empty() && pool.ipv6.is_none() {
+                return Err(PolicyError::invalid(
+                    path,
+                    "a pool needs at least one address (ipv4 or ipv6)",
+                ));
+            }
+            if pool.ipv4.len() > MAX_POOL_V4 {
+                return Err(PolicyError::invalid(
+                    format!("{path}.ipv4"),
+                    format!(
+                        "{} addresses, at most {MAX_POOL_V4} per pool",
+                        pool.ipv4.len()
+                    ),
+                ));
+            }
+            for (i, addr) in pool.ipv4.iter().enumerate() {
+                let at = format!("{path}.ipv4[{i}]");
+                check_unicast(&at, *addr)?;
+                if pool.ipv4[..i].contains(addr) {
+                    return Err(PolicyError::invalid(at, format!("{addr} is listed twice")));
+                }
+            }
+            let ipv6 = match pool.ipv6 {
+                None => None,
+                Some(Cidr(IpNet::V6(net))) => Some(net),
+                Some(Cidr(IpNet::V4(net))) => {
+                    return Err(PolicyError::invalid(
+                        format!("{path}.ipv6"),
+                        format!("{net} is not an IPv6 prefix"),
+                    ));
+                }
+            };
+            pools.push(Pool {
+                name,
+                ipv4: pool.ipv4,
+                ipv6,
+            });
+        }
+
+        check_unicast("default_egress.ipv4", self.default_egress.ipv4)?;
+        let default_egress = DefaultEgress {
+            ipv4: self.default_egress.ipv4,
+            ipv6: self.default_egress.ipv6,
+        };
+
+        if self.policies.len() > MAX_POLICIES {
+            return Err(PolicyError::invalid(
+                "policies",
+                format!(
+                    "{} policies, at most {MAX_POLICIES} are supported",
+                    self.policies.len()
+                ),
+            ));
+        }
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut policies = Vec::with_capacity(self.policies.len());
+        for (i, policy) in self.policies.iter().enumerate() {
+            let path = format!("policies[{i}]");
+            check_name(&format!("{path}.name"), &policy.name, "policy")?;
+            if let Some(first) = names.insert(&policy.name, i) {
+                return Err(PolicyError::invalid(
+                    format!("{path}.name"),
+                    format!(
+                        "duplicate policy name {:?} (first used by policies[{first}])",
+                        policy.name
+                    ),
+                ));
+            }
+            let egress = match policy.action.egress.as_str() {
+                "default" => Egress::Default,
+                "bypass" => Egress::Bypass,
+                name => Egress::Pool(pools.iter().position(|p| p.name == name).ok_or_else(|| {
+                    let known: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+                    PolicyError::invalid(
+                        format!("{path}.action.egress"),
+                        format!(
+                            "unknown egress pool {name:?} (expected \"default\", \"bypass\"{}{})",
+                            if known.is_empty() { "" } else { " or one of " },
+                            known.join(", ")
+                        ),
+                    )
+                })?),
+            };
+            let sel = &policy.selector;
+            let mut protocols = sel.protocols.clone();
+            protocols.sort();
+            protocols.dedup();
+            if !sel.dst_ports.is_empty()
+                && !protocols.is_empty()
+                && !protocols.iter().any(|p| p.has_ports())
+            {
+                return Err(PolicyError::invalid(
+                    format!("{path}.selector.dst_ports"),
+                    format!(
+                        "ports only apply to tcp and udp, but protocols is [{}]",
+                        protocols
+                            .iter()
+                            .map(|p| p.name())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+            policies.push(Policy {
+                name: policy.name.clone(),
+                description: policy.description.clone(),
+                enabled: policy.enabled,
+                selector: Selector {
+                    src: sel.src.iter().map(|c| c.0).collect(),
+                    dst: sel.dst.iter().map(|c| c.0).collect(),
+                    protocols,
+                    dst_ports: sel.dst_ports.clone(),
+                },
+                action: Action {
+                    egress,
+                    mark: policy.action.mark,
+                },
+            });
+        }
+
+        let nat = match self.nat.port_range {
+            None => Nat::default(),
+            Some(range) if range.first == 0 => {
+                return Err(PolicyError::invalid(
+                    "nat.port_range",
+                    "port 0 cannot be a translated source port; start at 1 or above",
+                ));
+            }
+            Some(port_range) => Nat { port_range },
+        };
+
+        Ok(PolicySet {
+            pools,
+            default_egress,
+            policies,
+            nat,
+        })
+    }
+}

@@ -1,0 +1,64 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+//! Names and default capacities of every BPF map and program.
+//!
+//! The eBPF side declares each `#[map]` static with exactly these names and the
+//! agent only ever looks maps up through these constants. Names stay within
+//! BPF_OBJ_NAME_LEN (16 bytes with the NUL) so `bpftool map` shows them whole.
+
+/// Connection table, IPv4: original outgoing tuple -> translation.
+pub const CT4: &str = "EG_CT4";
+/// Reverse NAT table, IPv4: translated outgoing tuple -> original client.
+pub const NAT4: &str = "EG_NAT4";
+/// Classifier: IPv4 source prefix (generation-keyed LPM) -> class row.
+pub const SRC4: &str = "EG_SRC4";
+/// Classifier: IPv4 destination prefix (generation-keyed LPM) -> class row.
+pub const DST4: &str = "EG_DST4";
+/// Classifier: (generation, protocol, destination port) -> class row.
+pub const PORTS: &str = "EG_PORTS";
+/// Classifier: class row -> bit vector of the policies it admits.
+pub const CLASSES: &str = "EG_CLASSES";
+/// (generation, policy index) -> what to do with a flow.
+pub const ACTIONS: &str = "EG_ACTIONS";
+/// (generation, pool index) -> egress addresses.
+pub const POOLS: &str = "EG_POOLS";
+/// Generation -> per-generation settings (port range).
+pub const SETTINGS: &str = "EG_SETTINGS";
+/// The active generation: one `u32`, flipped by one write.
+pub const GEN: &str = "EG_GEN";
+/// IPv4 addresses of the gateway itself (its own traffic is never steered).
+pub const LOCAL4: &str = "EG_LOCAL4";
+/// Global per-CPU counters, indexed by [`crate::stats::Counter`].
+pub const STATS: &str = "EG_STATS";
+/// Per-CPU per-policy counters, indexed by a policy's stats slot.
+pub const POLICY_STATS: &str = "EG_POLICY_STATS";
+
+/// Every map the object must define; a packet test checks the object against it.
+pub const ALL: &[&str] = &[
+    CT4,
+    NAT4,
+    SRC4,
+    DST4,
+    PORTS,
+    CLASSES,
+    ACTIONS,
+    POOLS,
+    SETTINGS,
+    GEN,
+    LOCAL4,
+    STATS,
+    POLICY_STATS,
+];
+
+/// TC egress program on the uplink: classify new flows, translate the source.
+pub const PROG_EGRESS: &str = "egress_steer";
+/// TC ingress program on the uplink: translate replies back to the client.
+pub const PROG_INGRESS: &str = "ingress_restore";
+
+/// Default number of flows the connection tables hold (each direction).
+pub const DEFAULT_MAX_FLOWS: u32 = 1 << 20;
+/// Default class rows per generation (the agent may size the map larger).
+pub const DEFAULT_CLASSES_PER_GEN: u32 = 8192;
+/// Default prefix capacity of each classifier trie (both generations).
+pub const DEFAULT_PREFIXES: u32 = 65536;
+/// Capacity of the gateway-address table.
+pub const MAX_LOCAL_ADDRS: u32 = 1024;

@@ -1,0 +1,110 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+//! Counter slots of the global per-CPU statistics map and the per-policy
+//! counters. The dataplane never logs per packet; it counts here.
+
+/// Index into [`crate::maps::STATS`]. Append only: the agent prints these by name.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Packets seen by the egress program.
+    EgressPackets = 0,
+    /// Packets seen by the ingress program.
+    IngressPackets,
+    /// New flows classified (first packet of a flow).
+    FlowsNew,
+    /// New flows translated to an egress address.
+    FlowsTranslated,
+    /// New flows left untouched by a `bypass` policy.
+    FlowsBypassed,
+    /// New flows of the gateway itself, reserved and left untouched.
+    FlowsLocal,
+    /// Outgoing packets whose source was rewritten.
+    EgressTranslated,
+    /// Replies whose destination was rewritten back to the client.
+    IngressTranslated,
+    /// Incoming packets that belong to no translated flow (passed untouched).
+    IngressNotOurs,
+    /// Non-IP frames (ARP, LLDP, ...) passed untouched.
+    PassNonIp,
+    /// IPv6 packets passed untouched (IPv6 steering is not enabled).
+    PassIpv6,
+    /// The original source port was taken; another one was searched for.
+    PortCollisions,
+    /// Dropped: no free translated port for the destination after a bounded search.
+    DropPortExhausted,
+    /// Dropped: the connection table is full.
+    DropTableFull,
+    /// Dropped: truncated or malformed IP/L4 header.
+    DropMalformed,
+    /// Dropped: IPv4 fragment of a flow that must be translated.
+    DropFragment,
+    /// Dropped: the protocol cannot be translated (not TCP/UDP/ICMP echo)
+    /// but the matching policy requires translation.
+    DropUnsupported,
+    /// Dropped: the policy's pool has no usable address.
+    DropNoEgress,
+    /// Dropped: a packet helper failed while rewriting.
+    DropRewrite,
+    /// Dropped: the classifier tables of the active generation are missing.
+    DropNoTables,
+    /// Two CPUs created the same flow at once; the loser adopted the winner's entry.
+    FlowRaces,
+    /// A gateway-originated flow found its tuple already used by a client flow.
+    LocalConflicts,
+}
+
+impl Counter {
+    /// Number of counter slots (size of the stats map).
+    pub const COUNT: u32 = Counter::LocalConflicts as u32 + 1;
+
+    /// Every counter in slot order with its stable, exported name.
+    pub const ALL: &[(Counter, &'static str)] = &[
+        (Counter::EgressPackets, "egress_packets"),
+        (Counter::IngressPackets, "ingress_packets"),
+        (Counter::FlowsNew, "flows_new"),
+        (Counter::FlowsTranslated, "flows_translated"),
+        (Counter::FlowsBypassed, "flows_bypassed"),
+        (Counter::FlowsLocal, "flows_local"),
+        (Counter::EgressTranslated, "egress_translated"),
+        (Counter::IngressTranslated, "ingress_translated"),
+        (Counter::IngressNotOurs, "ingress_not_ours"),
+        (Counter::PassNonIp, "pass_non_ip"),
+        (Counter::PassIpv6, "pass_ipv6"),
+        (Counter::PortCollisions, "port_collisions"),
+        (Counter::DropPortExhausted, "drop_port_exhausted"),
+        (Counter::DropTableFull, "drop_table_full"),
+        (Counter::DropMalformed, "drop_malformed"),
+        (Counter::DropFragment, "drop_fragment"),
+        (Counter::DropUnsupported, "drop_unsupported"),
+        (Counter::DropNoEgress, "drop_no_egress"),
+        (Counter::DropRewrite, "drop_rewrite"),
+        (Counter::DropNoTables, "drop_no_tables"),
+        (Counter::FlowRaces, "flow_races"),
+        (Counter::LocalConflicts, "local_conflicts"),
+    ];
+}
+const _: () = assert!(Counter::ALL.len() == Counter::COUNT as usize);
+
+/// Per-policy counters (one per-CPU slot per policy).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyStats {
+    /// Flows this policy classified.
+    pub flows: u64,
+    /// Outgoing packets and bytes (L3 length) of those flows.
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    /// Reply packets and bytes (L3 length) of those flows.
+    pub packets_in: u64,
+    pub bytes_in: u64,
+}
+const _: () = assert!(size_of::<PolicyStats>() == 40);
+#[cfg(feature = "user")]
+// SAFETY: repr(C), only integers, no implicit padding (size asserted above).
+unsafe impl aya::Pod for PolicyStats {}
+
+/// Per-policy counter slots: enough for two full policy sets with no name in
+/// common, so a reload never has to reuse a slot the previous set still counts in.
+pub const POLICY_STAT_SLOTS: u32 = 2 * crate::classify::ACTIONS_PER_GEN;
+/// Slot of the implicit "no policy matched" default.
+pub const DEFAULT_STATS_SLOT: u32 = 0;

@@ -1,0 +1,59 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+//! Every map of the object. Names equal the constants in
+//! `egress_common::maps`; capacities are defaults the agent resizes at load.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+};
+use egress_common::{
+    classify::{
+        ACTIONS_PER_GEN, Action, ClassRow, GENERATIONS, GenPrefix4, MAX_POOLS, PORT_SLOTS_PER_GEN,
+        Pool, Settings,
+    },
+    conntrack::{CtEntry4, RevEntry4},
+    flow::Tuple4,
+    maps::{DEFAULT_CLASSES_PER_GEN, DEFAULT_MAX_FLOWS, DEFAULT_PREFIXES, MAX_LOCAL_ADDRS},
+    stats::{Counter, PolicyStats},
+};
+
+#[map]
+pub static EG_CT4: HashMap<Tuple4, CtEntry4> = HashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+#[map]
+pub static EG_NAT4: HashMap<Tuple4, RevEntry4> = HashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+#[map]
+pub static EG_SRC4: LpmTrie<GenPrefix4, u32> = LpmTrie::with_max_entries(DEFAULT_PREFIXES, 0);
+
+#[map]
+pub static EG_DST4: LpmTrie<GenPrefix4, u32> = LpmTrie::with_max_entries(DEFAULT_PREFIXES, 0);
+
+#[map]
+pub static EG_PORTS: Array<u32> = Array::with_max_entries(GENERATIONS * PORT_SLOTS_PER_GEN, 0);
+
+#[map]
+pub static EG_CLASSES: Array<ClassRow> =
+    Array::with_max_entries(GENERATIONS * DEFAULT_CLASSES_PER_GEN, 0);
+
+#[map]
+pub static EG_ACTIONS: Array<Action> = Array::with_max_entries(GENERATIONS * ACTIONS_PER_GEN, 0);
+
+#[map]
+pub static EG_POOLS: Array<Pool> = Array::with_max_entries(GENERATIONS * MAX_POOLS, 0);
+
+#[map]
+pub static EG_SETTINGS: Array<Settings> = Array::with_max_entries(GENERATIONS, 0);
+
+#[map]
+pub static EG_GEN: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static EG_LOCAL4: HashMap<u32, u32> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
+
+#[map]
+pub static EG_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[map]
+pub static EG_POLICY_STATS: PerCpuArray<PolicyStats> =
+    PerCpuArray::with_max_entries(egress_common::stats::POLICY_STAT_SLOTS, 0);

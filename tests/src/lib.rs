@@ -1,0 +1,12 @@
+//! Lab fixtures shared by the privileged tests and `cargo xtask run`:
+//! network namespaces joined by veth pairs (never touching the host's own
+//! interfaces), echo servers that report the source address they saw, and
+//! probes that drive TCP, UDP and ICMP flows through the gateway.
+
+pub mod agent;
+pub mod lab;
+pub mod netns;
+pub mod probe;
+
+#[cfg(test)]
+mod tests;

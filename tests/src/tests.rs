@@ -1,0 +1,5 @@
+//! Privileged test suites (run as root by `cargo xtask test`).
+
+mod packet;
+mod prog_test_run;
+mod steer_e2e;

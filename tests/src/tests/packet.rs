@@ -1,0 +1,154 @@
+//! Crafted packets for BPF_PROG_TEST_RUN, and a parser that checks every
+//! checksum of what comes out.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, syn: bool, payload: &[u8]) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, GW_MAC)
+        .ipv4(src.ip().octets(), dst.ip().octets(), 64)
+        .tcp(src.port(), dst.port(), 0x1000_0000, 64240);
+    let builder = if syn { builder.syn() } else { builder.ack(1) };
+    let mut out = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut out, payload).unwrap();
+    out
+}
+
+pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, GW_MAC)
+        .ipv4(src.ip().octets(), dst.ip().octets(), 64)
+        .udp(src.port(), dst.port());
+    let mut out = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut out, payload).unwrap();
+    out
+}
+
+/// A UDP packet whose checksum is 0 ("not computed", legal in IPv4).
+pub fn udp_no_checksum(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let mut out = udp(src, dst, payload);
+    out[14 + 20 + 6] = 0;
+    out[14 + 20 + 7] = 0;
+    out
+}
+
+pub fn echo(src: Ipv4Addr, dst: Ipv4Addr, request: bool, id: u16, payload: &[u8]) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, GW_MAC).ipv4(src.octets(), dst.octets(), 64);
+    let builder = if request {
+        builder.icmpv4_echo_request(id, 1)
+    } else {
+        builder.icmpv4_echo_reply(id, 1)
+    };
+    let mut out = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut out, payload).unwrap();
+    out
+}
+
+/// An IPv4 packet of another protocol (GRE, 47) with a valid header checksum.
+pub fn other_protocol(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8) -> Vec<u8> {
+    let mut ip = etherparse::Ipv4Header::new(
+        8,
+        64,
+        etherparse::IpNumber(protocol),
+        src.octets(),
+        dst.octets(),
+    )
+    .unwrap();
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut out = Vec::new();
+    etherparse::Ethernet2Header {
+        source: CLIENT_MAC,
+        destination: GW_MAC,
+        ether_type: etherparse::EtherType::IPV4,
+    }
+    .write(&mut out)
+    .unwrap();
+    ip.write(&mut out).unwrap();
+    out.extend_from_slice(&[0; 8]);
+    out
+}
+
+/// An ARP request frame.
+pub fn arp() -> Vec<u8> {
+    let mut out = vec![0xff; 6];
+    out.extend_from_slice(&CLIENT_MAC);
+    out.extend_from_slice(&[0x08, 0x06]);
+    out.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    out.extend_from_slice(&CLIENT_MAC);
+    out.extend_from_slice(&[10, 10, 0, 2]);
+    out.extend_from_slice(&[0; 6]);
+    out.extend_from_slice(&[10, 10, 0, 1]);
+    out
+}
+
+/// The addressing of a parsed packet. For ICMP echo both ports hold the identifier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Summary {
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub proto: u8,
+}
+
+/// Parse an Ethernet/IPv4 packet and assert that the IP header checksum and
+/// the L4 checksum (pseudo-header included) verify.
+pub fn checked(bytes: &[u8]) -> Summary {
+    let headers =
+        PacketHeaders::from_ethernet_slice(bytes).expect("output must parse as Ethernet/IPv4");
+    let Some(NetHeaders::Ipv4(ip, _)) = &headers.net else {
+        panic!("output is not IPv4: {bytes:02x?}");
+    };
+    assert_eq!(
+        ip.header_checksum,
+        ip.calc_header_checksum(),
+        "IPv4 header checksum must verify"
+    );
+    let payload = headers.payload.slice();
+    let (sport, dport) = match &headers.transport {
+        Some(TransportHeader::Tcp(tcp)) => {
+            assert_eq!(
+                tcp.checksum,
+                tcp.calc_checksum_ipv4(ip, payload).unwrap(),
+                "TCP checksum must verify"
+            );
+            (tcp.source_port, tcp.destination_port)
+        }
+        Some(TransportHeader::Udp(udp)) => {
+            if udp.checksum != 0 {
+                assert_eq!(
+                    udp.checksum,
+                    udp.calc_checksum_ipv4(ip, payload).unwrap(),
+                    "UDP checksum must verify"
+                );
+            }
+            (udp.source_port, udp.destination_port)
+        }
+        Some(TransportHeader::Icmpv4(icmp)) => {
+            assert_eq!(
+                icmp.checksum,
+                icmp.icmp_type.calc_checksum(payload),
+                "ICMP checksum must verify"
+            );
+            let id = match icmp.icmp_type {
+                etherparse::Icmpv4Type::EchoRequest(e) | etherparse::Icmpv4Type::EchoReply(e) => {
+                    e.id
+                }
+                _ => 0,
+            };
+            (id, id)
+        }
+        _ => (0, 0),
+    };
+    Summary {
+        src: SocketAddrV4::new(ip.source.into(), sport),
+        dst: SocketAddrV4::new(ip.destination.into(), dport),
+        proto: ip.protocol.0,
+    }
+}
+
+/// The UDP checksum field of an Ethernet/IPv4/UDP packet without options.
+pub fn udp_checksum(bytes: &[u8]) -> u16 {
+    u16::from_be_bytes([bytes[14 + 20 + 6], bytes[14 + 20 + 7]])
+}

@@ -1,0 +1,537 @@
+//! BPF_PROG_TEST_RUN tests: crafted packets into the loaded programs, exact
+//! verdicts, rewritten bytes, verified checksums and counters out.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use aya::{
+    maps::HashMap as BpfHashMap,
+    programs::{TestRun as _, TestRunOptions},
+};
+use egress_agent::{
+    counters,
+    loader::{Dataplane, LoadOptions},
+    policy,
+    tables::{self, Tables},
+};
+use egress_common::{
+    classify::NO_MATCH,
+    conntrack::{CtEntry4, RevEntry4},
+    flow::{Tuple4, proto},
+    maps,
+    stats::Counter,
+};
+
+use super::packet::{self, Summary};
+use crate::lab::{
+    CLIENT, DEDICATED_PRIMARY, GW_UPLINK, SERVER_INTERNAL, SERVER_PARTNER, SERVER_PUBLIC,
+};
+
+const EXAMPLE: &str = include_str!("../../../examples/policies.json");
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "these tests load BPF programs and need root: run them with `cargo xtask test`"
+    );
+}
+
+/// A loaded dataplane with a policy set applied, not attached anywhere.
+pub struct Dp {
+    dataplane: Dataplane,
+    tables: Tables,
+}
+
+impl Dp {
+    pub fn new(policies: &str) -> Self {
+        require_root();
+        let mut dataplane = Dataplane::load(&LoadOptions {
+            max_flows: 4096,
+            classes_per_gen: 2048,
+            max_prefixes: 16384,
+        })
+        .unwrap_or_else(|e| panic!("loading the dataplane: {e}"));
+        tables::set_local_addrs(dataplane.ebpf_mut(), &[GW_UPLINK]).unwrap();
+        let tables = Tables::new(dataplane.ebpf_mut()).unwrap();
+        let mut dp = Self { dataplane, tables };
+        dp.apply(policies);
+        dp
+    }
+
+    pub fn apply(&mut self, policies: &str) {
+        let set = policy::parse(policies).unwrap_or_else(|e| panic!("test policy: {e}"));
+        self.tables
+            .apply(&set, &policy::compile(&set))
+            .unwrap_or_else(|e| panic!("applying policies: {e}"));
+    }
+
+    pub fn run(&mut self, program: &'static str, input: &[u8]) -> (i32, Vec<u8>) {
+        let mut out = vec![0u8; input.len() + 256];
+        let mut opts = TestRunOptions::default();
+        opts.data_in = Some(input);
+        opts.data_out = Some(&mut out);
+        let result = self
+            .dataplane
+            .program(program)
+            .unwrap()
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN {program}: {e}"));
+        out.truncate(result.data_size_out as usize);
+        (result.return_value as i32, out)
+    }
+
+    pub fn egress(&mut self, input: &[u8]) -> (i32, Vec<u8>) {
+        self.run(maps::PROG_EGRESS, input)
+    }
+
+    pub fn ingress(&mut self, input: &[u8]) -> (i32, Vec<u8>) {
+        self.run(maps::PROG_INGRESS, input)
+    }
+
+    pub fn counter(&mut self, counter: Counter) -> u64 {
+        counters::get(self.dataplane.ebpf_mut(), counter).unwrap()
+    }
+
+    pub fn ct(&mut self, key: &Tuple4) -> Option<CtEntry4> {
+        let map: BpfHashMap<_, Tuple4, CtEntry4> =
+            BpfHashMap::try_from(self.dataplane.ebpf_mut().map(maps::CT4).unwrap()).unwrap();
+        map.get(key, 0).ok()
+    }
+
+    pub fn rev(&mut self, key: &Tuple4) -> Option<RevEntry4> {
+        let map: BpfHashMap<_, Tuple4, RevEntry4> =
+            BpfHashMap::try_from(self.dataplane.ebpf_mut().map(maps::NAT4).unwrap()).unwrap();
+        map.get(key, 0).ok()
+    }
+
+    pub fn tables(&self) -> &Tables {
+        &self.tables
+    }
+}
+
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
+}
+
+fn tuple(src: SocketAddrV4, dst: SocketAddrV4, protocol: u8) -> Tuple4 {
+    Tuple4::new(
+        u32::from(*src.ip()).to_be(),
+        u32::from(*dst.ip()).to_be(),
+        src.port().to_be(),
+        dst.port().to_be(),
+        protocol,
+    )
+}
+
+#[test]
+fn object_every_shared_map_and_program_present() {
+    require_root();
+    let mut dataplane = Dataplane::load(&LoadOptions::default()).unwrap();
+    for name in maps::ALL {
+        assert!(
+            dataplane.ebpf_mut().map(name).is_some(),
+            "map {name} from egress_common::maps must exist in the object"
+        );
+    }
+    for name in [maps::PROG_EGRESS, maps::PROG_INGRESS] {
+        assert!(dataplane.program(name).is_ok(), "program {name} must exist");
+    }
+}
+
+#[test]
+fn snat_tcp_dedicated_policy_rewrites_source_with_valid_checksums() {
+    let mut dp = Dp::new(EXAMPLE);
+    let client = sa(CLIENT, 40001);
+    let server = sa(SERVER_PARTNER, 443);
+    let (verdict, out) = dp.egress(&packet::tcp(client, server, true, b"hello"));
+    assert_eq!(verdict, TC_ACT_OK, "a translated packet must pass");
+    let got = packet::checked(&out);
+    assert_eq!(
+        got,
+        Summary {
+            src: sa(DEDICATED_PRIMARY, 40001),
+            dst: server,
+            proto: proto::TCP
+        },
+        "src must become the pool's primary address, keeping the free source port"
+    );
+    assert_eq!(&out[out.len() - 5..], b"hello", "payload must be intact");
+    let entry = dp
+        .ct(&tuple(client, server, proto::TCP))
+        .expect("flow must be tracked");
+    assert_eq!(
+        entry.policy, 0,
+        "the flow must record the policy that chose it"
+    );
+    assert_eq!(dp.counter(Counter::FlowsTranslated), 1);
+    assert_eq!(dp.counter(Counter::EgressTranslated), 1);
+}
+
+#[test]
+fn snat_udp_catch_all_rewrites_to_default_address() {
+    let mut dp = Dp::new(EXAMPLE);
+    let client = sa(CLIENT, 5353);
+    let server = sa(SERVER_PUBLIC, 53);
+    let (verdict, out) = dp.egress(&packet::udp(client, server, b"query"));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        packet::checked(&out).src,
+        sa(GW_UPLINK, 5353),
+        "catch-all flows must leave from the default egress address"
+    );
+}
+
+#[test]
+fn snat_dedicated_destination_wrong_port_falls_to_catch_all() {
+    let mut dp = Dp::new(EXAMPLE);
+    let (_, out) = dp.egress(&packet::tcp(
+        sa(CLIENT, 40002),
+        sa(SERVER_PARTNER, 9000),
+        true,
+        b"",
+    ));
+    assert_eq!(
+        packet::checked(&out).src,
+        sa(GW_UPLINK, 40002),
+        "port 9000 is outside the dedicated policy's ports: default egress"
+    );
+}
+
+#[test]
+fn snat_bypass_policy_leaves_packet_byte_identical() {
+    let mut dp = Dp::new(EXAMPLE);
+    let input = packet::tcp(
+        sa(CLIENT, 40003),
+        sa(SERVER_INTERNAL, 443),
+        true,
+        b"internal",
+    );
+    let (verdict, out) = dp.egress(&input);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, input, "bypassed packets must not change");
+    assert_eq!(dp.counter(Counter::FlowsBypassed), 1);
+    let (_, again) = dp.egress(&input);
+    assert_eq!(
+        again, input,
+        "later packets of a bypassed flow must not change"
+    );
+    assert_eq!(
+        dp.counter(Counter::FlowsNew),
+        1,
+        "the second packet must hit the connection table"
+    );
+}
+
+#[test]
+fn snat_non_ip_frame_passes_untouched() {
+    let mut dp = Dp::new(EXAMPLE);
+    let input = packet::arp();
+    let (verdict, out) = dp.egress(&input);
+    assert_eq!(verdict, TC_ACT_OK, "ARP must pass");
+    assert_eq!(out, input, "ARP must not change");
+    assert_eq!(dp.counter(Counter::PassNonIp), 1);
+}
+
+#[test]
+fn snat_icmp_echo_translated_and_reply_restored() {
+    let mut dp = Dp::new(EXAMPLE);
+    let (verdict, out) = dp.egress(&packet::echo(CLIENT, SERVER_PARTNER, true, 0x4242, b"ping"));
+    assert_eq!(verdict, TC_ACT_OK);
+    let got = packet::checked(&out);
+    assert_eq!(
+        *got.src.ip(),
+        GW_UPLINK,
+        "ICMP is not in the dedicated policy's protocols: default egress"
+    );
+    assert_eq!(got.src.port(), 0x4242, "a free echo identifier is kept");
+
+    let (verdict, back) = dp.ingress(&packet::echo(
+        SERVER_PARTNER,
+        GW_UPLINK,
+        false,
+        0x4242,
+        b"ping",
+    ));
+    assert_eq!(verdict, TC_ACT_OK);
+    let got = packet::checked(&back);
+    assert_eq!(
+        *got.dst.ip(),
+        CLIENT,
+        "the echo reply must go back to the client"
+    );
+    assert_eq!(dp.counter(Counter::IngressTranslated), 1);
+}
+
+#[test]
+fn restore_tcp_reply_translated_back_to_client_port() {
+    let mut dp = Dp::new(EXAMPLE);
+    let client = sa(CLIENT, 40004);
+    let server = sa(SERVER_PARTNER, 8080);
+    dp.egress(&packet::tcp(client, server, true, b""));
+    let reply = packet::tcp(server, sa(DEDICATED_PRIMARY, 40004), false, b"response");
+    let (verdict, out) = dp.ingress(&reply);
+    assert_eq!(verdict, TC_ACT_OK);
+    let got = packet::checked(&out);
+    assert_eq!(
+        got.dst, client,
+        "the reply's destination must be the client again"
+    );
+    assert_eq!(got.src, server, "the reply's source must not change");
+    assert_eq!(&out[out.len() - 8..], b"response");
+}
+
+#[test]
+fn restore_unrelated_packet_passes_byte_identical() {
+    let mut dp = Dp::new(EXAMPLE);
+    let input = packet::tcp(sa(SERVER_PUBLIC, 5555), sa(GW_UPLINK, 22), true, b"");
+    let (verdict, out) = dp.ingress(&input);
+    assert_eq!(
+        verdict, TC_ACT_OK,
+        "traffic to the gateway itself must pass"
+    );
+    assert_eq!(out, input, "and must not change");
+    assert_eq!(dp.counter(Counter::IngressNotOurs), 1);
+}
+
+#[test]
+fn snat_source_port_taken_second_client_gets_other_port() {
+    let mut dp = Dp::new(EXAMPLE);
+    let server = sa(SERVER_PUBLIC, 443);
+    let first = sa(CLIENT, 50000);
+    let second = sa(Ipv4Addr::new(10, 10, 0, 3), 50000);
+    let (_, a) = dp.egress(&packet::tcp(first, server, true, b""));
+    let (_, b) = dp.egress(&packet::tcp(second, server, true, b""));
+    let (a, b) = (packet::checked(&a), packet::checked(&b));
+    assert_eq!(a.src, sa(GW_UPLINK, 50000), "the first flow keeps its port");
+    assert_eq!(*b.src.ip(), GW_UPLINK);
+    assert_ne!(
+        b.src.port(),
+        50000,
+        "the second flow must not reuse a live mapping"
+    );
+    assert!(
+        b.src.port() >= 1024,
+        "the replacement port comes from the configured range"
+    );
+    assert_eq!(dp.counter(Counter::PortCollisions), 1);
+
+    // Replies reach the right client each.
+    let (_, back) = dp.ingress(&packet::tcp(server, b.src, false, b""));
+    assert_eq!(
+        packet::checked(&back).dst,
+        second,
+        "replies to the second mapping reach the second client"
+    );
+    let (_, back) = dp.ingress(&packet::tcp(server, a.src, false, b""));
+    assert_eq!(
+        packet::checked(&back).dst,
+        first,
+        "replies to the first mapping reach the first client"
+    );
+}
+
+#[test]
+fn snat_same_port_other_destination_reuses_port() {
+    let mut dp = Dp::new(EXAMPLE);
+    let (_, a) = dp.egress(&packet::udp(sa(CLIENT, 6000), sa(SERVER_PUBLIC, 53), b"a"));
+    let (_, b) = dp.egress(&packet::udp(
+        sa(Ipv4Addr::new(10, 10, 0, 3), 6000),
+        sa(Ipv4Addr::new(198, 51, 100, 11), 53),
+        b"b",
+    ));
+    assert_eq!(packet::checked(&a).src, sa(GW_UPLINK, 6000));
+    assert_eq!(
+        packet::checked(&b).src,
+        sa(GW_UPLINK, 6000),
+        "mappings are endpoint-dependent: another destination may reuse the port"
+    );
+}
+
+#[test]
+fn snat_udp_zero_checksum_stays_zero() {
+    let mut dp = Dp::new(EXAMPLE);
+    let (verdict, out) = dp.egress(&packet::udp_no_checksum(
+        sa(CLIENT, 7000),
+        sa(SERVER_PUBLIC, 53),
+        b"x",
+    ));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        packet::udp_checksum(&out),
+        0,
+        "an absent UDP checksum must stay absent"
+    );
+    assert_eq!(*packet::checked(&out).src.ip(), GW_UPLINK);
+}
+
+#[test]
+fn snat_truncated_tcp_header_dropped_and_counted() {
+    let mut dp = Dp::new(EXAMPLE);
+    let full = packet::tcp(sa(CLIENT, 40005), sa(SERVER_PUBLIC, 443), true, b"");
+    let (verdict, _) = dp.egress(&full[..14 + 20 + 10]);
+    assert_eq!(
+        verdict, TC_ACT_SHOT,
+        "a truncated TCP header must be dropped"
+    );
+    assert_eq!(dp.counter(Counter::DropMalformed), 1);
+}
+
+#[test]
+fn snat_fragment_dropped_and_counted() {
+    let mut dp = Dp::new(EXAMPLE);
+    let mut input = packet::udp(sa(CLIENT, 7001), sa(SERVER_PUBLIC, 53), b"frag");
+    input[14 + 6] |= 0x20; // more fragments
+    let (verdict, _) = dp.egress(&input);
+    assert_eq!(verdict, TC_ACT_SHOT, "fragments cannot be translated yet");
+    assert_eq!(dp.counter(Counter::DropFragment), 1);
+}
+
+#[test]
+fn snat_untranslatable_protocol_under_translate_policy_dropped() {
+    let mut dp = Dp::new(EXAMPLE);
+    let (verdict, _) = dp.egress(&packet::other_protocol(CLIENT, SERVER_PUBLIC, 47));
+    assert_eq!(
+        verdict, TC_ACT_SHOT,
+        "GRE matching a translating policy must not leak with the client address"
+    );
+    assert_eq!(dp.counter(Counter::DropUnsupported), 1);
+    let input = packet::other_protocol(CLIENT, SERVER_INTERNAL, 47);
+    let (verdict, out) = dp.egress(&input);
+    assert_eq!(verdict, TC_ACT_OK, "GRE matching a bypass policy passes");
+    assert_eq!(out, input);
+}
+
+#[test]
+fn snat_gateway_own_flow_reserved_not_steered() {
+    let mut dp = Dp::new(EXAMPLE);
+    let own = sa(GW_UPLINK, 33000);
+    let input = packet::tcp(own, sa(SERVER_PARTNER, 443), true, b"");
+    let (verdict, out) = dp.egress(&input);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        out, input,
+        "the gateway's own flow is not steered to the dedicated address"
+    );
+    assert_eq!(dp.counter(Counter::FlowsLocal), 1);
+    // A client flow wanting the same tuple is given another port.
+    let (_, client) = dp.egress(&packet::tcp(
+        sa(CLIENT, 33000),
+        sa(SERVER_PUBLIC, 443),
+        true,
+        b"",
+    ));
+    assert_eq!(*packet::checked(&client).src.ip(), GW_UPLINK);
+    let (_, again) = dp.egress(&packet::tcp(
+        sa(Ipv4Addr::new(10, 10, 0, 3), 33000),
+        sa(SERVER_PARTNER, 443),
+        true,
+        b"",
+    ));
+    let again = packet::checked(&again);
+    assert_eq!(*again.src.ip(), DEDICATED_PRIMARY);
+    let (_, clash) = dp.egress(&packet::tcp(
+        sa(Ipv4Addr::new(10, 10, 0, 4), 33000),
+        sa(SERVER_PUBLIC, 443),
+        true,
+        b"",
+    ));
+    assert_ne!(
+        packet::checked(&clash).src.port(),
+        33000,
+        "the port is already held towards this destination"
+    );
+}
+
+#[test]
+fn snat_policy_counters_count_packets_and_bytes_both_ways() {
+    let mut dp = Dp::new(EXAMPLE);
+    let client = sa(CLIENT, 40006);
+    let server = sa(SERVER_PARTNER, 443);
+    let out_pkt = packet::tcp(client, server, true, b"0123456789");
+    for _ in 0..3 {
+        dp.egress(&out_pkt);
+    }
+    dp.ingress(&packet::tcp(
+        server,
+        sa(DEDICATED_PRIMARY, 40006),
+        false,
+        b"ok",
+    ));
+    let slot = dp.tables().active_policies()[0].stats_slot;
+    let stats = dp.tables().policy_stats(slot).unwrap();
+    let l3 = (out_pkt.len() - 14) as u64;
+    assert_eq!(stats.flows, 1, "one flow");
+    assert_eq!(stats.packets_out, 3, "three packets out");
+    assert_eq!(stats.bytes_out, 3 * l3, "bytes out are IP lengths");
+    assert_eq!(stats.packets_in, 1, "one reply");
+    assert_eq!(stats.bytes_in, 20 + 20 + 2, "reply bytes are its IP length");
+}
+
+#[test]
+fn reload_new_flows_use_new_set_established_keep_translation() {
+    let mut dp = Dp::new(EXAMPLE);
+    let old_client = sa(CLIENT, 41000);
+    let server = sa(SERVER_PUBLIC, 443);
+    let (_, out) = dp.egress(&packet::tcp(old_client, server, true, b""));
+    assert_eq!(*packet::checked(&out).src.ip(), GW_UPLINK);
+
+    // Send everything to the dedicated pool from now on.
+    let everything_dedicated = EXAMPLE.replace(
+        r#""selector": {}, "action": { "egress": "default" }"#,
+        r#""selector": {}, "action": { "egress": "pt-montijo" }"#,
+    );
+    assert_ne!(everything_dedicated, EXAMPLE, "test policy edit must apply");
+    dp.apply(&everything_dedicated);
+
+    let (_, out) = dp.egress(&packet::tcp(old_client, server, false, b"more"));
+    assert_eq!(
+        *packet::checked(&out).src.ip(),
+        GW_UPLINK,
+        "an established flow keeps its egress address across a reload"
+    );
+    let (_, out) = dp.egress(&packet::tcp(sa(CLIENT, 41001), server, true, b""));
+    assert_eq!(
+        *packet::checked(&out).src.ip(),
+        DEDICATED_PRIMARY,
+        "a new flow is classified by the new policy set"
+    );
+
+    // And back: the old generation's tables are rewritten, not appended to.
+    dp.apply(EXAMPLE);
+    let (_, out) = dp.egress(&packet::tcp(sa(CLIENT, 41002), server, true, b""));
+    assert_eq!(
+        *packet::checked(&out).src.ip(),
+        GW_UPLINK,
+        "the third set is in force"
+    );
+}
+
+#[test]
+fn snat_no_policy_matches_uses_default_egress() {
+    let only_dedicated = r#"{
+        "egress_pools": { "p": { "ipv4": ["203.0.113.10"] } },
+        "default_egress": { "ipv4": "203.0.113.1" },
+        "policies": [ { "name": "p", "selector": { "dst": ["192.0.2.0/24"] }, "action": { "egress": "p" } } ]
+    }"#;
+    let mut dp = Dp::new(only_dedicated);
+    let client = sa(CLIENT, 42000);
+    let server = sa(SERVER_PUBLIC, 80);
+    let (_, out) = dp.egress(&packet::tcp(client, server, true, b""));
+    assert_eq!(
+        *packet::checked(&out).src.ip(),
+        GW_UPLINK,
+        "no match: default egress"
+    );
+    assert_eq!(
+        dp.ct(&tuple(client, server, proto::TCP)).unwrap().policy,
+        NO_MATCH as u16,
+        "the flow records that no policy matched"
+    );
+    let rev = dp
+        .rev(&tuple(sa(GW_UPLINK, 42000), server, proto::TCP))
+        .expect("reverse entry");
+    assert_eq!(rev.orig_addr_be, u32::from(CLIENT).to_be());
+}
