@@ -59,7 +59,7 @@ pub enum LoaderError {
     #[error("loading the eBPF object: {source}")]
     Load {
         #[source]
-        source: EbpfError,
+        source: Box<EbpfError>,
     },
     #[error("program {name} is missing from the eBPF object")]
     MissingProgram { name: &'static str },
@@ -67,7 +67,7 @@ pub enum LoaderError {
     Program {
         name: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("interface {iface:?} does not exist in this network namespace")]
     NoSuchInterface { iface: String },
@@ -83,7 +83,7 @@ pub enum LoaderError {
         iface: String,
         direction: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
 }
 
@@ -112,7 +112,9 @@ impl Dataplane {
             .map_max_entries(maps::SRC4, opts.max_prefixes)
             .map_max_entries(maps::DST4, opts.max_prefixes)
             .load(EBPF_OBJECT)
-            .map_err(|source| LoaderError::Load { source })?;
+            .map_err(|source| LoaderError::Load {
+                source: Box::new(source),
+            })?;
         // The logger holds the log ring buffer; it must outlive program
         // loading, or the programs' map references dangle.
         let logger = match EbpfLogger::init(&mut ebpf) {
@@ -125,7 +127,10 @@ impl Dataplane {
         for name in [maps::PROG_EGRESS, maps::PROG_INGRESS] {
             program_of(&mut ebpf, name)?
                 .load()
-                .map_err(|source| LoaderError::Program { name, source })?;
+                .map_err(|source| LoaderError::Program {
+                    name,
+                    source: Box::new(source),
+                })?;
         }
         Ok(Self {
             ebpf,
@@ -192,7 +197,7 @@ impl Dataplane {
                     program,
                     iface: iface.to_owned(),
                     direction,
-                    source,
+                    source: Box::new(source),
                 })?;
             self.attachments.push(Attachment {
                 iface: iface.to_owned(),
@@ -215,7 +220,7 @@ impl Dataplane {
             if let Err(err) = program_of(&mut self.ebpf, program).and_then(|p| {
                 p.detach(link).map_err(|source| LoaderError::Program {
                     name: program,
-                    source,
+                    source: Box::new(source),
                 })
             }) {
                 log::warn!("detaching {program} from {iface}: {err}");
@@ -254,5 +259,8 @@ fn program_of<'a>(
     ebpf.program_mut(name)
         .ok_or(LoaderError::MissingProgram { name })?
         .try_into()
-        .map_err(|source| LoaderError::Program { name, source })
+        .map_err(|source| LoaderError::Program {
+            name,
+            source: Box::new(source),
+        })
 }

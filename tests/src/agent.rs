@@ -45,7 +45,16 @@ impl Agent {
     /// Start `egress-agent <args>` inside `ns`, echoing its log (prefixed
     /// with `label`) to stderr.
     pub fn start(ns: &NetNs, label: &str, args: &[&str]) -> anyhow::Result<Self> {
-        let bin = binary();
+        Self::start_binary(&binary(), ns, label, args)
+    }
+
+    /// [`Agent::start`] with an explicit binary.
+    pub fn start_binary(
+        bin: &Path,
+        ns: &NetNs,
+        label: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
         if !bin.is_file() {
             bail!(
                 "agent binary {} not found: build it with `cargo xtask build`",

@@ -43,11 +43,14 @@ fn parse_seen(line: &str) -> anyhow::Result<SocketAddrV4> {
         .with_context(|| format!("bad address in {line:?}"))
 }
 
+/// An echo request the ICMP recorder saw: source, identifier, payload.
+type EchoSeen = (Ipv4Addr, u16, Vec<u8>);
+
 /// The echo servers of one namespace; stopped on drop.
 pub struct Servers {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
-    icmp: Arc<Mutex<Vec<(Ipv4Addr, u16, Vec<u8>)>>>,
+    icmp: Arc<Mutex<Vec<EchoSeen>>>,
 }
 
 impl Servers {
@@ -159,7 +162,7 @@ fn recv_raw(socket: &Socket, buf: &mut [u8]) -> std::io::Result<usize> {
     socket.recv(uninit)
 }
 
-fn icmp_recorder(socket: &Socket, stop: &AtomicBool, seen: &Mutex<Vec<(Ipv4Addr, u16, Vec<u8>)>>) {
+fn icmp_recorder(socket: &Socket, stop: &AtomicBool, seen: &Mutex<Vec<EchoSeen>>) {
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
         let Ok(n) = recv_raw(socket, &mut buf) else {

@@ -12,9 +12,8 @@
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use egress_common::classify::{
-    ACTION_BYPASS, ACTION_TRANSLATE, ClassRow, NO_MATCH, POOL_MAX_V4, PORT_SLOT_ICMP,
-    PORT_SLOT_ICMPV6, PORT_SLOT_OTHER, PORT_SLOT_TCP, PORT_SLOT_UDP, PORT_SLOTS_PER_GEN, Pool,
-    Settings, first_match,
+    ACTION_BYPASS, ACTION_TRANSLATE, ClassRow, POOL_MAX_V4, PORT_SLOT_ICMP, PORT_SLOT_ICMPV6,
+    PORT_SLOT_OTHER, PORT_SLOT_TCP, PORT_SLOT_UDP, PORT_SLOTS_PER_GEN, Pool, Settings, first_match,
 };
 use ipnet::{IpNet, Ipv4Net};
 
@@ -284,7 +283,8 @@ impl Compiled {
         first_match(&rows)
     }
 
-    /// [`Self::classify_v4`] for a [`Flow`]; IPv6 flows are not compiled yet.
+    /// [`Self::classify_v4`] for a [`Flow`]; `None` for IPv6 flows, which
+    /// the tables do not cover yet.
     pub fn classify(&self, flow: &Flow) -> Option<u32> {
         match (flow.src, flow.dst) {
             (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
@@ -292,6 +292,51 @@ impl Compiled {
             }
             _ => None,
         }
-        .filter(|&p| p != NO_MATCH)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::policy::testing;
+    use egress_common::classify::NO_MATCH;
+
+    fn check_against_reference(set: &PolicySet, flows: &[Flow]) -> Result<(), TestCaseError> {
+        let compiled = compile(set);
+        for flow in flows {
+            let expected = set.first_match(flow).map_or(NO_MATCH, |i| i as u32);
+            let got = compiled.classify(flow).expect("IPv4 flow");
+            prop_assert_eq!(
+                got,
+                expected,
+                "compiled tables must pick the reference's policy for {:?}",
+                flow
+            );
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(10_000))]
+        #[test]
+        fn compile_small_sets_match_reference(
+            (set, flows) in testing::policy_set(24)
+                .prop_flat_map(|set| { let f = testing::flows(&set, 24); (Just(set), f) })
+        ) {
+            check_against_reference(&set, &flows)?;
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(40))]
+        #[test]
+        fn compile_large_sets_match_reference(
+            (set, flows) in testing::policy_set(4096)
+                .prop_flat_map(|set| { let f = testing::flows(&set, 200); (Just(set), f) })
+        ) {
+            check_against_reference(&set, &flows)?;
+        }
     }
 }

@@ -5,6 +5,8 @@ pub mod compile;
 pub mod eval;
 pub mod model;
 pub mod parse;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use compile::{Compiled, compile};
 pub use model::PolicySet;

@@ -502,3 +502,285 @@ impl FileJson {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../../examples/policies.json");
+
+    /// The example with one substring replaced; the replacement must apply.
+    fn edited(from: &str, to: &str) -> String {
+        assert!(EXAMPLE.contains(from), "test edit {from:?} must apply");
+        EXAMPLE.replacen(from, to, 1)
+    }
+
+    fn error(text: &str) -> String {
+        parse(text).expect_err("input must be rejected").to_string()
+    }
+
+    #[test]
+    fn parse_example_every_field_understood() {
+        let set = parse(EXAMPLE).unwrap();
+        assert_eq!(set.pools.len(), 1);
+        assert_eq!(
+            set.pools[0].ipv4,
+            vec![
+                Ipv4Addr::new(203, 0, 113, 10),
+                Ipv4Addr::new(203, 0, 113, 11)
+            ]
+        );
+        assert_eq!(set.pools[0].ipv6.unwrap().to_string(), "2001:db8:e0::/64");
+        assert_eq!(set.default_egress.ipv4, Ipv4Addr::new(203, 0, 113, 1));
+        assert_eq!(set.policies.len(), 3);
+        let p = &set.policies[0];
+        assert_eq!(p.selector.protocols, vec![Protocol::Tcp, Protocol::Udp]);
+        assert_eq!(
+            p.selector.dst_ports,
+            vec![
+                PortRange {
+                    first: 443,
+                    last: 443
+                },
+                PortRange {
+                    first: 8000,
+                    last: 8100
+                }
+            ]
+        );
+        assert_eq!(p.action.egress, Egress::Pool(0));
+        assert_eq!(set.policies[1].action.egress, Egress::Bypass);
+        assert_eq!(set.policies[2].action.egress, Egress::Default);
+        assert!(
+            set.policies.iter().all(|p| p.enabled),
+            "enabled defaults to true"
+        );
+        assert_eq!(set.nat, Nat::default());
+    }
+
+    #[test]
+    fn parse_bad_cidr_names_path_and_value() {
+        let err = error(&edited("\"10.0.0.0/8\"", "\"10.0.0.0/33\""));
+        assert!(
+            err.starts_with(
+                "policies[1].selector.dst[0]: invalid CIDR \"10.0.0.0/33\": prefix length 33 is more than 32"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn parse_host_bits_set_rejected_with_network() {
+        let err = error(&edited("\"10.0.0.0/8\"", "\"10.1.2.3/8\""));
+        assert!(
+            err.starts_with("policies[1].selector.dst[0]: invalid CIDR \"10.1.2.3/8\": host bits are set (the network is 10.0.0.0/8)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn parse_bare_address_is_host_prefix() {
+        let set = parse(&edited("\"10.0.0.0/8\"", "\"10.1.2.3\"")).unwrap();
+        assert_eq!(set.policies[1].selector.dst[0].to_string(), "10.1.2.3/32");
+    }
+
+    #[test]
+    fn parse_port_out_of_range_named() {
+        let err = error(&edited("\"443\"", "\"70000\""));
+        assert!(
+            err.starts_with("policies[0].selector.dst_ports[0]: invalid port \"70000\": 70000 is outside 0-65535"),
+            "{err}"
+        );
+        let err = error(&edited("\"443\"", "70000"));
+        assert!(
+            err.starts_with("policies[0].selector.dst_ports[0]: invalid port 70000"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn parse_reversed_port_range_named() {
+        let err = error(&edited("\"8000-8100\"", "\"8100-8000\""));
+        assert!(
+            err.starts_with("policies[0].selector.dst_ports[1]: invalid port range \"8100-8000\": 8100 is after 8000"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn parse_numeric_port_accepted() {
+        let set = parse(&edited("\"443\"", "443")).unwrap();
+        assert_eq!(
+            set.policies[0].selector.dst_ports[0],
+            PortRange {
+                first: 443,
+                last: 443
+            }
+        );
+    }
+
+    #[test]
+    fn parse_unknown_pool_lists_known_ones() {
+        let err = error(&edited(
+            "\"egress\": \"pt-montijo\"",
+            "\"egress\": \"pt-lisbon\"",
+        ));
+        assert_eq!(
+            err,
+            "policies[0].action.egress: unknown egress pool \"pt-lisbon\" (expected \"default\", \"bypass\" or one of pt-montijo)"
+        );
+    }
+
+    #[test]
+    fn parse_unknown_field_named_with_path() {
+        let err = error(&edited("\"protocols\"", "\"protocol\""));
+        assert!(
+            err.starts_with("policies[0].selector.protocol: unknown field `protocol`"),
+            "{err}"
+        );
+        let err = error(&edited("\"policies\"", "\"colour\": 1, \"policies\""));
+        assert!(err.starts_with("colour: unknown field `colour`"), "{err}");
+    }
+
+    #[test]
+    fn parse_duplicate_policy_name_points_at_both() {
+        let err = error(&edited("\"lab internal\"", "\"catch-all\""));
+        assert_eq!(
+            err,
+            "policies[2].name: duplicate policy name \"catch-all\" (first used by policies[1])"
+        );
+    }
+
+    #[test]
+    fn parse_duplicate_pool_rejected() {
+        let err = error(&edited(
+            "\"pt-montijo\": {",
+            "\"pt-montijo\": { \"ipv4\": [\"203.0.113.20\"] }, \"pt-montijo\": {",
+        ));
+        assert!(
+            err.contains("pool \"pt-montijo\" is defined twice"),
+            "{err}"
+        );
+        assert!(err.starts_with("egress_pools"), "{err}");
+    }
+
+    #[test]
+    fn parse_not_json_is_a_syntax_error() {
+        assert_eq!(
+            error("policies: []"),
+            "not valid JSON: expected value at line 1 column 1"
+        );
+        assert_eq!(error(""), "not valid JSON: the file is empty");
+        assert!(error("{\"policies\": [").starts_with("not valid JSON: EOF while parsing"));
+        assert_eq!(
+            error("[]"),
+            "(top level): expected a JSON object with egress_pools, default_egress and policies"
+        );
+        assert!(
+            error(&format!("{EXAMPLE} {{}}")).starts_with("not valid JSON: trailing characters")
+        );
+    }
+
+    #[test]
+    fn parse_unknown_protocol_named() {
+        let err = error(&edited("\"tcp\", \"udp\"", "\"tcp\", \"sctp\""));
+        assert!(
+            err.starts_with("policies[0].selector.protocols[1]: unknown protocol \"sctp\": expected tcp, udp, icmp or icmpv6"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn parse_ports_with_portless_protocols_rejected() {
+        let err = error(&edited("\"tcp\", \"udp\"", "\"icmp\""));
+        assert_eq!(
+            err,
+            "policies[0].selector.dst_ports: ports only apply to tcp and udp, but protocols is [icmp]"
+        );
+    }
+
+    #[test]
+    fn parse_bad_egress_addresses_rejected() {
+        let err = error(&edited("\"203.0.113.11\"", "\"203.0.113.10\""));
+        assert_eq!(
+            err,
+            "egress_pools.pt-montijo.ipv4[1]: 203.0.113.10 is listed twice"
+        );
+        let err = error(&edited(
+            "\"ipv4\": \"203.0.113.1\"",
+            "\"ipv4\": \"0.0.0.0\"",
+        ));
+        assert_eq!(
+            err,
+            "default_egress.ipv4: 0.0.0.0 cannot be an egress address (not a unicast host address)"
+        );
+        let err = error(&edited("\"2001:db8:e0::/64\"", "\"192.0.2.0/24\""));
+        assert_eq!(
+            err,
+            "egress_pools.pt-montijo.ipv6: 192.0.2.0/24 is not an IPv6 prefix"
+        );
+        let err = error(&edited("\"pt-montijo\": {", "\"default\": {"));
+        assert!(
+            err.starts_with("egress_pools.default: pool name \"default\" is reserved"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn parse_missing_required_fields_named() {
+        let err = error(&edited(
+            "\"action\": { \"egress\": \"bypass\" }",
+            "\"act\": 1",
+        ));
+        assert!(err.starts_with("policies[1]"), "{err}");
+        assert!(
+            err.contains("unknown field `act`") || err.contains("missing field `action`"),
+            "{err}"
+        );
+        let err = error(r#"{ "default_egress": { "ipv4": "203.0.113.1" } }"#);
+        assert!(
+            err.starts_with("(top level): missing field `policies`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn parse_nat_port_range_validated() {
+        let set = parse(&edited(
+            "\"policies\"",
+            "\"nat\": { \"port_range\": \"20000-29999\" }, \"policies\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            set.nat.port_range,
+            PortRange {
+                first: 20000,
+                last: 29999
+            }
+        );
+        let err = error(&edited(
+            "\"policies\"",
+            "\"nat\": { \"port_range\": \"0-100\" }, \"policies\"",
+        ));
+        assert!(
+            err.starts_with("nat.port_range: port 0 cannot be a translated source port"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn parse_too_many_policies_rejected() {
+        let one = r#"{ "name": "p", "selector": {}, "action": { "egress": "default" } }"#;
+        let many: Vec<String> = (0..=MAX_POLICIES)
+            .map(|i| one.replace("\"p\"", &format!("\"p{i}\"")))
+            .collect();
+        let text = format!(
+            r#"{{ "default_egress": {{ "ipv4": "203.0.113.1" }}, "policies": [{}] }}"#,
+            many.join(",")
+        );
+        assert_eq!(
+            error(&text),
+            "policies: 4097 policies, at most 4096 are supported"
+        );
+    }
+}

@@ -31,8 +31,8 @@ const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
 
 pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
     assert_eq!(
+        // SAFETY: geteuid has no preconditions.
         unsafe { libc::geteuid() },
         0,
         "these tests load BPF programs and need root: run them with `cargo xtask test`"
@@ -49,9 +49,8 @@ impl Dp {
     pub fn new(policies: &str) -> Self {
         require_root();
         let mut dataplane = Dataplane::load(&LoadOptions {
-            max_flows: 4096,
-            classes_per_gen: 2048,
-            max_prefixes: 16384,
+            max_flows: 16384,
+            ..LoadOptions::default()
         })
         .unwrap_or_else(|e| panic!("loading the dataplane: {e}"));
         tables::set_local_addrs(dataplane.ebpf_mut(), &[GW_UPLINK]).unwrap();
@@ -70,9 +69,11 @@ impl Dp {
 
     pub fn run(&mut self, program: &'static str, input: &[u8]) -> (i32, Vec<u8>) {
         let mut out = vec![0u8; input.len() + 256];
-        let mut opts = TestRunOptions::default();
-        opts.data_in = Some(input);
-        opts.data_out = Some(&mut out);
+        let opts = TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        };
         let result = self
             .dataplane
             .program(program)
@@ -534,4 +535,87 @@ fn snat_no_policy_matches_uses_default_egress() {
         .rev(&tuple(sa(GW_UPLINK, 42000), server, proto::TCP))
         .expect("reverse entry");
     assert_eq!(rev.orig_addr_be, u32::from(CLIENT).to_be());
+}
+
+/// Build the first packet of `flow` (TCP, UDP or ICMP echo) from `sport`.
+fn first_packet(flow: &policy::eval::Flow, sport: u16) -> Vec<u8> {
+    let (std::net::IpAddr::V4(src), std::net::IpAddr::V4(dst)) = (flow.src, flow.dst) else {
+        panic!("IPv4 flows only");
+    };
+    match flow.proto {
+        proto::TCP => packet::tcp(sa(src, sport), sa(dst, flow.dst_port), true, b""),
+        proto::UDP => packet::udp(sa(src, sport), sa(dst, flow.dst_port), b""),
+        _ => packet::echo(src, dst, true, sport, b""),
+    }
+}
+
+#[test]
+fn classify_random_policy_sets_kernel_agrees_with_reference() {
+    use egress_agent::policy::testing;
+    use proptest::{
+        strategy::{Strategy as _, ValueTree as _},
+        test_runner::{Config, RngAlgorithm, TestRng, TestRunner},
+    };
+
+    let mut dp = Dp::new(EXAMPLE);
+    let mut runner = TestRunner::new_with_rng(
+        Config::default(),
+        TestRng::deterministic_rng(RngAlgorithm::ChaCha),
+    );
+    let mut sport = 1024u16;
+    let mut checked = 0;
+    for round in 0..40 {
+        // Alternate small and large sets; every set is a reload of the same maps.
+        let max = if round % 4 == 3 { 4096 } else { 48 };
+        let set = testing::policy_set(max)
+            .new_tree(&mut runner)
+            .unwrap()
+            .current();
+        dp.tables
+            .apply(&set, &policy::compile(&set))
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let flows = testing::flows(&set, 100)
+            .new_tree(&mut runner)
+            .unwrap()
+            .current();
+        for flow in flows {
+            // Only flows the dataplane tracks whatever the action: TCP, UDP,
+            // ICMP echo, from a non-gateway source.
+            if ![proto::TCP, proto::UDP, proto::ICMP].contains(&flow.proto)
+                || flow.src == std::net::IpAddr::V4(GW_UPLINK)
+            {
+                continue;
+            }
+            sport = sport.wrapping_add(1).max(1024);
+            let input = first_packet(&flow, sport);
+            let (verdict, _) = dp.egress(&input);
+            let expected = set.first_match(&flow).map_or(NO_MATCH, |i| i as u32);
+            let std::net::IpAddr::V4(src) = flow.src else {
+                unreachable!()
+            };
+            let std::net::IpAddr::V4(dst) = flow.dst else {
+                unreachable!()
+            };
+            let dport = if flow.proto == proto::ICMP {
+                0
+            } else {
+                flow.dst_port
+            };
+            let entry = dp
+                .ct(&tuple(sa(src, sport), sa(dst, dport), flow.proto))
+                .unwrap_or_else(|| {
+                    panic!("round {round}: no flow entry for {flow:?} (verdict {verdict})")
+                });
+            assert_eq!(
+                u32::from(entry.policy),
+                expected,
+                "round {round}: the kernel must pick the reference's policy for {flow:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked > 500,
+        "the sample must be substantial, checked {checked}"
+    );
 }

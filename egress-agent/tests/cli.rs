@@ -1,0 +1,101 @@
+//! The `egress-agent` binary as a user runs it: `check` on good and bad files.
+
+use std::{path::PathBuf, process::Command};
+
+fn agent() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_egress-agent"))
+}
+
+fn example() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/policies.json")
+}
+
+#[test]
+fn check_example_prints_compiled_summary() {
+    let out = agent().arg("check").arg(example()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the example must be valid: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("[0] \"third-party via Portugal\": dst [192.0.2.0/24] and protocols [tcp udp] and dst_ports [443 8000-8100] -> pool pt-montijo [203.0.113.10 203.0.113.11]"), "{stdout}");
+    assert!(
+        stdout.contains("[1] \"lab internal\": dst [10.0.0.0/8] -> bypass (untouched)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("[2] \"catch-all\": any flow -> default (203.0.113.1)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_bad_inputs_fail_with_one_line_naming_the_path() {
+    let text = std::fs::read_to_string(example()).unwrap();
+    let dir = std::env::temp_dir().join(format!("egress-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        (
+            "\"10.0.0.0/8\"",
+            "\"10.0.0.0/33\"",
+            "policies[1].selector.dst[0]: invalid CIDR \"10.0.0.0/33\"",
+        ),
+        (
+            "\"443\"",
+            "\"70000\"",
+            "policies[0].selector.dst_ports[0]: invalid port \"70000\"",
+        ),
+        (
+            "\"egress\": \"pt-montijo\"",
+            "\"egress\": \"nowhere\"",
+            "policies[0].action.egress: unknown egress pool \"nowhere\"",
+        ),
+        (
+            "\"dst_ports\"",
+            "\"dst_port\"",
+            "policies[0].selector.dst_port: unknown field `dst_port`",
+        ),
+        (
+            "\"lab internal\"",
+            "\"catch-all\"",
+            "policies[2].name: duplicate policy name \"catch-all\"",
+        ),
+        ("{", "{{", "not valid JSON"),
+    ];
+    for (i, (from, to, expected)) in cases.into_iter().enumerate() {
+        let path = dir.join(format!("bad{i}.json"));
+        std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
+        let out = agent().arg("check").arg(&path).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{expected}: check must fail");
+        assert!(
+            out.stdout.is_empty(),
+            "{expected}: nothing on stdout for a rejected file"
+        );
+        assert_eq!(stderr.lines().count(), 1, "one line of error: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("error: {}: ", path.display())),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains(expected),
+            "{stderr} must contain {expected}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn check_missing_file_names_it() {
+    let out = agent()
+        .args(["check", "/nonexistent/policies.json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("cannot read /nonexistent/policies.json"),
+        "{stderr}"
+    );
+}
