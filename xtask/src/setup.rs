@@ -114,5 +114,10 @@ pub fn setup() -> anyhow::Result<Tools> {
         )
         .context("installing bpf-linker (needs llvm-22-dev; retry with `cargo xtask setup`)")?;
     }
+    eprintln!(
+        "setup: toolchain ready ({} from Debian; bpf-linker {BPF_LINKER_VERSION} in {})",
+        PACKAGES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
+        bin_dir.display()
+    );
     Ok(Tools { bin_dir })
 }
