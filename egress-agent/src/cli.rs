@@ -32,6 +32,43 @@ pub enum Command {
     ///
     /// Example: egress-agent check /etc/egress/policies.json
     Check(CheckArgs),
+    /// Show which policy a flow would match, why each earlier one does not,
+    /// and the egress address it would leave from.
+    ///
+    /// Example: egress-agent explain --config policies.json --src 10.10.0.2 --dst 192.0.2.10 --proto tcp --dst-port 443 --group finance
+    Explain(ExplainArgs),
+    /// Convert policies exported from another product into a policy file.
+    #[command(subcommand)]
+    Import(ImportCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImportCommand {
+    /// Zero-trust gateway egress rules (a JSON list, or an API response with
+    /// a "result" list) with `traffic`, `identity`, `device_posture`
+    /// expressions and `rule_settings.egress` addresses. Rules are ordered by
+    /// precedence; each distinct address triple becomes a pool; an egress of
+    /// 0.0.0.0 means the shared default. The result is checked like any
+    /// policy file before it is written.
+    ///
+    /// Example: egress-agent import gateway-rules rules.json --default-ipv4 203.0.113.1 -o policies.json
+    GatewayRules(ImportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// The exported rules (JSON).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// The shared default egress address (the rules only say "0.0.0.0").
+    #[arg(long, value_name = "IPV4")]
+    pub default_ipv4: std::net::Ipv4Addr,
+    /// The shared default IPv6 egress address.
+    #[arg(long, value_name = "IPV6")]
+    pub default_ipv6: Option<std::net::Ipv6Addr>,
+    /// Where to write the policy file (standard output by default).
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -66,4 +103,36 @@ pub struct CheckArgs {
     /// Policy file (JSON).
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ExplainArgs {
+    /// Policy file (JSON).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Source address of the flow.
+    #[arg(long)]
+    pub src: std::net::IpAddr,
+    /// Destination address of the flow.
+    #[arg(long)]
+    pub dst: std::net::IpAddr,
+    /// Protocol: tcp, udp, icmp, icmpv6, or an IP protocol number.
+    #[arg(long, default_value = "tcp")]
+    pub proto: String,
+    /// Destination port (TCP and UDP).
+    #[arg(long, default_value_t = 0)]
+    pub dst_port: u16,
+    /// The user behind the source (e-mail); with --group/--posture, the
+    /// flow has an identity.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// A group of the user (repeatable).
+    #[arg(long = "group")]
+    pub groups: Vec<String>,
+    /// A posture check the device passes (repeatable).
+    #[arg(long = "posture")]
+    pub posture: Vec<String>,
+    /// Destination country (ISO 3166-1 alpha-2).
+    #[arg(long)]
+    pub country: Option<String>,
 }

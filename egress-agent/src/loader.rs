@@ -16,7 +16,10 @@ use aya_log::EbpfLogger;
 
 /// aya-log's reader, forwarding records to the `log` crate.
 pub type Logger = EbpfLogger<&'static dyn log::Log>;
-use egress_common::{classify::GENERATIONS, maps};
+use egress_common::{
+    classify::{DEFAULT_IDENTITY_SLOTS, GENERATIONS},
+    maps,
+};
 
 /// The eBPF object built by `cargo xtask build-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("EGRESS_EBPF_OBJ"));
@@ -30,6 +33,15 @@ pub struct LoadOptions {
     pub classes_per_gen: u32,
     /// Prefixes each classifier trie holds (both generations together).
     pub max_prefixes: u32,
+    /// Identity ids per generation (id 0, "no identity", included).
+    pub identity_slots: u32,
+    /// Source prefixes the identity tries hold.
+    pub identity_prefixes: u32,
+    /// Destination prefixes the country tries hold.
+    pub geo_prefixes: u32,
+    /// Benchmarks only: 1 = translate new flows without recording them,
+    /// 2 = record and remove them again (see `BENCH_MODE` in nat.rs).
+    pub bench_mode: u8,
 }
 
 impl Default for LoadOptions {
@@ -38,6 +50,10 @@ impl Default for LoadOptions {
             max_flows: maps::DEFAULT_MAX_FLOWS,
             classes_per_gen: maps::DEFAULT_CLASSES_PER_GEN,
             max_prefixes: maps::DEFAULT_PREFIXES,
+            identity_slots: DEFAULT_IDENTITY_SLOTS,
+            identity_prefixes: maps::DEFAULT_IDENTITY_PREFIXES,
+            geo_prefixes: maps::DEFAULT_GEO_PREFIXES,
+            bench_mode: 0,
         }
     }
 }
@@ -111,6 +127,14 @@ impl Dataplane {
             .map_max_entries(maps::CLASSES, GENERATIONS * opts.classes_per_gen)
             .map_max_entries(maps::SRC4, opts.max_prefixes)
             .map_max_entries(maps::DST4, opts.max_prefixes)
+            .map_max_entries(maps::SRC6, opts.max_prefixes)
+            .map_max_entries(maps::DST6, opts.max_prefixes)
+            .map_max_entries(maps::ID_CLASS, GENERATIONS * opts.identity_slots)
+            .map_max_entries(maps::ID4, opts.identity_prefixes)
+            .map_max_entries(maps::ID6, opts.identity_prefixes)
+            .map_max_entries(maps::GEO4, opts.geo_prefixes)
+            .map_max_entries(maps::GEO6, opts.geo_prefixes)
+            .override_global("BENCH_MODE", &opts.bench_mode, true)
             .load(EBPF_OBJECT)
             .map_err(|source| LoaderError::Load {
                 source: Box::new(source),

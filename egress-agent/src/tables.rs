@@ -7,26 +7,32 @@
 //! tables, so a reload never moves them.
 
 use std::{
-    collections::HashMap,
-    net::Ipv4Addr,
+    collections::{HashMap, HashSet},
+    hash::Hash,
     time::{Duration, Instant},
 };
 
 use aya::{
-    Ebpf,
-    maps::{Array, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key},
+    Ebpf, Pod,
+    maps::{
+        Array, IterableMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key,
+    },
 };
 use egress_common::{
     classify::{
-        ACTION_F_MARK, ACTIONS_PER_GEN, Action, ClassRow, GEN_PREFIX_BITS, GENERATIONS, GenPrefix4,
-        MAX_POOLS, NO_MATCH, PORT_SLOTS_PER_GEN, Pool, Settings, action_slot, pool_slot,
+        ACTION_F_MARK, ACTIONS_PER_GEN, Action, COUNTRY_SLOTS, ClassRow, GEN_PREFIX_BITS,
+        GENERATIONS, GenPrefix4, GenPrefix6, MAX_POOLS, NO_MATCH, PORT_SLOTS_PER_GEN, Pool,
+        Settings, action_slot, country_slot, identity_slot, pool_slot,
     },
     maps,
     stats::{DEFAULT_STATS_SLOT, POLICY_STAT_SLOTS, PolicyStats},
 };
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::policy::{compile::Compiled, model::PolicySet};
+use crate::policy::{
+    compile::{ActionSpec, Compiled},
+    model::PolicySet,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TablesError {
@@ -54,9 +60,19 @@ pub enum TablesError {
     )]
     TooManyClasses { needed: usize, capacity: u32 },
     #[error(
-        "the policy set needs {needed} classifier prefixes but {map} holds {capacity} (start the agent with a larger --max-prefixes)"
+        "the policy set needs {needed} prefixes in {map} but it holds {capacity} (start the agent with a larger --max-prefixes)"
     )]
     TooManyPrefixes {
+        map: &'static str,
+        needed: usize,
+        capacity: u32,
+    },
+    #[error(
+        "{needed} identities are known but the dataplane holds {capacity} (start the agent with a larger --max-identities)"
+    )]
+    TooManyIdentities { needed: usize, capacity: u32 },
+    #[error("{map} holds {capacity} prefixes, {needed} were given")]
+    TableFull {
         map: &'static str,
         needed: usize,
         capacity: u32,
@@ -78,15 +94,27 @@ fn write_err(name: &'static str) -> impl FnOnce(MapError) -> TablesError {
     move |source| TablesError::Write { name, source }
 }
 
+fn capacity(map: &MapData, name: &'static str) -> Result<u32, TablesError> {
+    Ok(map
+        .info()
+        .map_err(|source| TablesError::MapType { name, source })?
+        .max_entries())
+}
+
 /// What one generation of the maps currently holds, so the next write to it
 /// can be limited to the entries that change.
 #[derive(Default)]
 struct Shadow {
     src4: HashMap<Ipv4Net, u32>,
+    src6: HashMap<Ipv6Net, u32>,
     dst4: HashMap<Ipv4Net, u32>,
+    dst6: HashMap<Ipv6Net, u32>,
     ports: Vec<u32>,
+    identities: Vec<u32>,
+    countries: Vec<u32>,
     classes: Vec<ClassRow>,
-    actions: HashMap<u32, Action>,
+    actions: Vec<Action>,
+    default_action: Option<Action>,
     pools: Vec<Pool>,
     settings: Option<Settings>,
 }
@@ -98,6 +126,7 @@ pub struct ApplyReport {
     pub writes: usize,
     pub deletes: usize,
     pub classes: usize,
+    pub rules: usize,
 }
 
 /// A policy and the counter slot it counts into.
@@ -107,11 +136,88 @@ pub struct ActivePolicy {
     pub stats_slot: u32,
 }
 
+/// Write only the elements of `new` that differ from `held`, at `base + i`.
+fn sync_array<V: Pod + PartialEq>(
+    map: &mut Array<MapData, V>,
+    name: &'static str,
+    base: u32,
+    new: &[V],
+    held: &mut Vec<V>,
+) -> Result<usize, TablesError> {
+    let mut writes = 0;
+    for (i, value) in new.iter().enumerate() {
+        if held.get(i) != Some(value) {
+            map.set(base + i as u32, value, 0)
+                .map_err(write_err(name))?;
+            writes += 1;
+        }
+    }
+    held.clear();
+    held.extend_from_slice(new);
+    Ok(writes)
+}
+
+/// Make a generation's part of a trie hold exactly `new`: deletions first,
+/// so the trie never holds more than the active generation plus the new one
+/// (what `check_fits` verified).
+fn sync_trie<N: Copy + Eq + Hash, K: Pod>(
+    trie: &mut LpmTrie<MapData, K, u32>,
+    name: &'static str,
+    key: impl Fn(N) -> Key<K>,
+    new: &[(N, u32)],
+    base: u32,
+    held: &mut HashMap<N, u32>,
+) -> Result<(usize, usize), TablesError> {
+    let next: HashMap<N, u32> = new.iter().map(|(n, class)| (*n, base + class)).collect();
+    let (mut writes, mut deletes) = (0, 0);
+    for net in held.keys().filter(|n| !next.contains_key(*n)) {
+        trie.remove(&key(*net)).map_err(write_err(name))?;
+        deletes += 1;
+    }
+    for (net, value) in &next {
+        if held.get(net) != Some(value) {
+            trie.insert(&key(*net), *value, 0)
+                .map_err(write_err(name))?;
+            writes += 1;
+        }
+    }
+    *held = next;
+    Ok((writes, deletes))
+}
+
+fn key4(generation: u32) -> impl Fn(Ipv4Net) -> Key<GenPrefix4> {
+    move |net| {
+        Key::new(
+            GEN_PREFIX_BITS + u32::from(net.prefix_len()),
+            GenPrefix4 {
+                generation: generation as u8,
+                addr: net.network().octets(),
+            },
+        )
+    }
+}
+
+fn key6(generation: u32) -> impl Fn(Ipv6Net) -> Key<GenPrefix6> {
+    move |net| {
+        Key::new(
+            GEN_PREFIX_BITS + u32::from(net.prefix_len()),
+            GenPrefix6 {
+                generation: generation as u8,
+                addr: net.network().octets(),
+            },
+        )
+    }
+}
+
 /// Writer for the classifier, action, pool and settings maps.
 pub struct Tables {
     src4: LpmTrie<MapData, GenPrefix4, u32>,
     dst4: LpmTrie<MapData, GenPrefix4, u32>,
+    src6: LpmTrie<MapData, GenPrefix6, u32>,
+    dst6: LpmTrie<MapData, GenPrefix6, u32>,
     ports: Array<MapData, u32>,
+    identities: Array<MapData, u32>,
+    countries: Array<MapData, u32>,
     classes: Array<MapData, ClassRow>,
     actions: Array<MapData, Action>,
     pools: Array<MapData, Pool>,
@@ -119,6 +225,7 @@ pub struct Tables {
     generation: Array<MapData, u32>,
     policy_stats: PerCpuArray<MapData, PolicyStats>,
     classes_per_gen: u32,
+    identity_slots: u32,
     prefix_capacity: u32,
     shadow: [Shadow; GENERATIONS as usize],
     active: Option<u32>,
@@ -138,27 +245,26 @@ impl Tables {
     /// Take the policy maps out of a loaded object.
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, TablesError> {
         let classes: Array<MapData, ClassRow> = take(ebpf, maps::CLASSES, Array::try_from)?;
-        let classes_per_gen = classes.len() / GENERATIONS;
+        let identities: Array<MapData, u32> = take(ebpf, maps::ID_CLASS, Array::try_from)?;
         let src4: LpmTrie<MapData, GenPrefix4, u32> = take(ebpf, maps::SRC4, LpmTrie::try_from)?;
-        let prefix_capacity = aya::maps::IterableMap::map(&src4)
-            .info()
-            .map_err(|source| TablesError::MapType {
-                name: maps::SRC4,
-                source,
-            })?
-            .max_entries();
+        let prefix_capacity = capacity(src4.map(), maps::SRC4)?;
         Ok(Self {
+            classes_per_gen: classes.len() / GENERATIONS,
+            identity_slots: identities.len() / GENERATIONS,
+            prefix_capacity,
             src4,
             dst4: take(ebpf, maps::DST4, LpmTrie::try_from)?,
+            src6: take(ebpf, maps::SRC6, LpmTrie::try_from)?,
+            dst6: take(ebpf, maps::DST6, LpmTrie::try_from)?,
             ports: take(ebpf, maps::PORTS, Array::try_from)?,
+            identities,
+            countries: take(ebpf, maps::GEO_CLASS, Array::try_from)?,
             classes,
             actions: take(ebpf, maps::ACTIONS, Array::try_from)?,
             pools: take(ebpf, maps::POOLS, Array::try_from)?,
             settings: take(ebpf, maps::SETTINGS, Array::try_from)?,
             generation: take(ebpf, maps::GEN, Array::try_from)?,
             policy_stats: take(ebpf, maps::POLICY_STATS, PerCpuArray::try_from)?,
-            classes_per_gen,
-            prefix_capacity,
             shadow: Default::default(),
             active: None,
             slots: HashMap::new(),
@@ -185,24 +291,40 @@ impl Tables {
                 capacity: self.classes_per_gen,
             });
         }
-        // Both generations share one trie; the inactive one must fit beside
-        // the active one.
-        for (map, entries) in [(maps::SRC4, &compiled.src4), (maps::DST4, &compiled.dst4)] {
-            let active = self
-                .active
-                .map(|g| {
-                    let s = &self.shadow[g as usize];
-                    if map == maps::SRC4 {
-                        s.src4.len()
-                    } else {
-                        s.dst4.len()
-                    }
-                })
-                .unwrap_or(0);
-            if active + entries.len() > self.prefix_capacity as usize {
+        if compiled.identities.len() > self.identity_slots as usize {
+            return Err(TablesError::TooManyIdentities {
+                needed: compiled.identities.len() - 1,
+                capacity: self.identity_slots - 1,
+            });
+        }
+        // Both generations share a trie; the new one must fit beside the active one.
+        let active = self.active.map(|g| &self.shadow[g as usize]);
+        for (map, held, needed) in [
+            (
+                maps::SRC4,
+                active.map_or(0, |s| s.src4.len()),
+                compiled.src4.len(),
+            ),
+            (
+                maps::DST4,
+                active.map_or(0, |s| s.dst4.len()),
+                compiled.dst4.len(),
+            ),
+            (
+                maps::SRC6,
+                active.map_or(0, |s| s.src6.len()),
+                compiled.src6.len(),
+            ),
+            (
+                maps::DST6,
+                active.map_or(0, |s| s.dst6.len()),
+                compiled.dst6.len(),
+            ),
+        ] {
+            if held + needed > self.prefix_capacity as usize {
                 return Err(TablesError::TooManyPrefixes {
                     map,
-                    needed: active + entries.len(),
+                    needed: held + needed,
                     capacity: self.prefix_capacity,
                 });
             }
@@ -214,18 +336,13 @@ impl Tables {
     /// a new name gets a slot used by neither the active nor the new set,
     /// with its counters zeroed.
     fn assign_slots(&mut self, set: &PolicySet) -> Result<Vec<u32>, TablesError> {
-        let in_use: std::collections::HashSet<u32> =
-            self.active_policies.iter().map(|p| p.stats_slot).collect();
-        let mut taken: std::collections::HashSet<u32> = in_use.clone();
+        let in_use: HashSet<u32> = self.active_policies.iter().map(|p| p.stats_slot).collect();
+        let mut taken = in_use.clone();
         taken.insert(DEFAULT_STATS_SLOT);
-        for p in &set.policies {
-            if let Some(&slot) = self.slots.get(&p.name) {
-                taken.insert(slot);
-            }
-        }
+        taken.extend(set.policies.iter().filter_map(|p| self.slots.get(&p.name)));
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| TablesError::Cpus { source })?;
         let mut next_free = 1..POLICY_STAT_SLOTS;
         let mut out = Vec::with_capacity(set.policies.len());
-        let cpus = aya::util::nr_cpus().map_err(|(_, source)| TablesError::Cpus { source })?;
         for p in &set.policies {
             let slot = match self.slots.get(&p.name) {
                 Some(&slot) => slot,
@@ -245,8 +362,8 @@ impl Tables {
             };
             out.push(slot);
         }
-        // Forget names that are in neither set, so their slots can be reused.
-        let keep: std::collections::HashSet<u32> = in_use
+        // Forget names in neither set, so their slots can be reused later.
+        let keep: HashSet<u32> = in_use
             .union(&out.iter().copied().collect())
             .copied()
             .collect();
@@ -272,97 +389,119 @@ impl Tables {
         let mut report = ApplyReport {
             generation,
             classes: compiled.classes.len(),
+            rules: compiled.rules.len(),
             ..ApplyReport::default()
         };
         let base = generation * self.classes_per_gen;
         let shadow = &mut self.shadow[generation as usize];
+        let global = |classes: &[u32]| classes.iter().map(|c| base + c).collect::<Vec<_>>();
 
-        // Class rows first: the tries and the port table point into them.
-        for (k, row) in compiled.classes.iter().enumerate() {
-            if shadow.classes.get(k) != Some(row) {
-                self.classes
-                    .set(base + k as u32, row, 0)
-                    .map_err(write_err(maps::CLASSES))?;
-                report.writes += 1;
-            }
-        }
-        shadow.classes = compiled.classes.clone();
-
-        for (trie, name, entries, held) in [
-            (&mut self.src4, maps::SRC4, &compiled.src4, &mut shadow.src4),
-            (&mut self.dst4, maps::DST4, &compiled.dst4, &mut shadow.dst4),
+        // Class rows first: everything else points into them.
+        report.writes += sync_array(
+            &mut self.classes,
+            maps::CLASSES,
+            base,
+            &compiled.classes,
+            &mut shadow.classes,
+        )?;
+        for (w, d) in [
+            sync_trie(
+                &mut self.src4,
+                maps::SRC4,
+                key4(generation),
+                &compiled.src4,
+                base,
+                &mut shadow.src4,
+            )?,
+            sync_trie(
+                &mut self.dst4,
+                maps::DST4,
+                key4(generation),
+                &compiled.dst4,
+                base,
+                &mut shadow.dst4,
+            )?,
+            sync_trie(
+                &mut self.src6,
+                maps::SRC6,
+                key6(generation),
+                &compiled.src6,
+                base,
+                &mut shadow.src6,
+            )?,
+            sync_trie(
+                &mut self.dst6,
+                maps::DST6,
+                key6(generation),
+                &compiled.dst6,
+                base,
+                &mut shadow.dst6,
+            )?,
         ] {
-            let next: HashMap<Ipv4Net, u32> = entries
-                .iter()
-                .map(|(net, class)| (*net, base + class))
-                .collect();
-            // Deletions first, so the trie never holds more than the active
-            // generation plus the new one (what check_fits verified).
-            for net in held.keys().filter(|n| !next.contains_key(*n)) {
-                trie.remove(&trie_key(generation, *net))
-                    .map_err(write_err(name))?;
-                report.deletes += 1;
-            }
-            for (net, value) in &next {
-                if held.get(net) != Some(value) {
-                    trie.insert(&trie_key(generation, *net), *value, 0)
-                        .map_err(write_err(name))?;
-                    report.writes += 1;
-                }
-            }
-            *held = next;
+            report.writes += w;
+            report.deletes += d;
         }
+        report.writes += sync_array(
+            &mut self.ports,
+            maps::PORTS,
+            generation * PORT_SLOTS_PER_GEN,
+            &global(&compiled.ports),
+            &mut shadow.ports,
+        )?;
+        report.writes += sync_array(
+            &mut self.identities,
+            maps::ID_CLASS,
+            identity_slot(generation, self.identity_slots, 0),
+            &global(&compiled.identities),
+            &mut shadow.identities,
+        )?;
+        debug_assert_eq!(compiled.countries.len(), COUNTRY_SLOTS as usize);
+        report.writes += sync_array(
+            &mut self.countries,
+            maps::GEO_CLASS,
+            country_slot(generation, 0),
+            &global(&compiled.countries),
+            &mut shadow.countries,
+        )?;
 
-        let port_base = generation * PORT_SLOTS_PER_GEN;
-        for (slot, class) in compiled.ports.iter().enumerate() {
-            let value = base + class;
-            if shadow.ports.get(slot) != Some(&value) {
-                self.ports
-                    .set(port_base + slot as u32, value, 0)
-                    .map_err(write_err(maps::PORTS))?;
-                report.writes += 1;
-            }
-        }
-        shadow.ports = compiled.ports.iter().map(|c| base + c).collect();
-
-        let mut actions: Vec<(u32, Action)> = compiled
-            .actions
+        let actions: Vec<Action> = compiled
+            .rules
             .iter()
-            .zip(&slots)
-            .enumerate()
-            .map(|(i, (spec, slot))| (i as u32, action(spec, *slot, i as u32)))
+            .map(|rule| action(&rule.action, slots[rule.policy as usize], rule.policy))
             .collect();
-        actions.push((
-            NO_MATCH,
-            action(&compiled.default_action, DEFAULT_STATS_SLOT, NO_MATCH),
-        ));
-        for (policy, value) in actions {
-            if shadow.actions.get(&policy) != Some(&value) {
-                self.actions
-                    .set(action_slot(generation, policy), value, 0)
-                    .map_err(write_err(maps::ACTIONS))?;
-                shadow.actions.insert(policy, value);
-                report.writes += 1;
-            }
+        debug_assert!(actions.len() < ACTIONS_PER_GEN as usize);
+        report.writes += sync_array(
+            &mut self.actions,
+            maps::ACTIONS,
+            action_slot(generation, 0),
+            &actions,
+            &mut shadow.actions,
+        )?;
+        let default = action(&compiled.default_action, DEFAULT_STATS_SLOT, NO_MATCH);
+        if shadow.default_action != Some(default) {
+            self.actions
+                .set(action_slot(generation, NO_MATCH), default, 0)
+                .map_err(write_err(maps::ACTIONS))?;
+            shadow.default_action = Some(default);
+            report.writes += 1;
         }
-        debug_assert!(compiled.actions.len() < ACTIONS_PER_GEN as usize);
-
-        for (i, pool) in compiled.pools.iter().enumerate() {
-            debug_assert!(i < MAX_POOLS as usize);
-            if shadow.pools.get(i) != Some(pool) {
-                self.pools
-                    .set(pool_slot(generation, i as u32), pool, 0)
-                    .map_err(write_err(maps::POOLS))?;
-                report.writes += 1;
-            }
-        }
-        shadow.pools = compiled.pools.clone();
-
-        if shadow.settings != Some(compiled.settings) {
+        debug_assert!(compiled.pools.len() <= MAX_POOLS as usize);
+        report.writes += sync_array(
+            &mut self.pools,
+            maps::POOLS,
+            pool_slot(generation, 0),
+            &compiled.pools,
+            &mut shadow.pools,
+        )?;
+        let settings = Settings {
+            identity_slots: self.identity_slots,
+            ..compiled.settings
+        };
+        if shadow.settings != Some(settings) {
             self.settings
-                .set(generation, compiled.settings, 0)
+                .set(generation, settings, 0)
                 .map_err(write_err(maps::SETTINGS))?;
-            shadow.settings = Some(compiled.settings);
+            shadow.settings = Some(settings);
             report.writes += 1;
         }
 
@@ -401,17 +540,7 @@ impl Tables {
     }
 }
 
-fn trie_key(generation: u32, net: Ipv4Net) -> Key<GenPrefix4> {
-    Key::new(
-        GEN_PREFIX_BITS + u32::from(net.prefix_len()),
-        GenPrefix4 {
-            generation: generation as u8,
-            addr: net.network().octets(),
-        },
-    )
-}
-
-fn action(spec: &crate::policy::compile::ActionSpec, stats_slot: u32, policy: u32) -> Action {
+fn action(spec: &ActionSpec, stats_slot: u32, policy: u32) -> Action {
     Action {
         kind: spec.kind,
         flags: if spec.mark.is_some() {
@@ -426,16 +555,17 @@ fn action(spec: &crate::policy::compile::ActionSpec, stats_slot: u32, policy: u3
     }
 }
 
+fn hash_map<'a, K: Pod, V: Pod>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<aya::maps::HashMap<&'a mut MapData, K, V>, TablesError> {
+    let map = ebpf.map_mut(name).ok_or(TablesError::MissingMap { name })?;
+    aya::maps::HashMap::try_from(map).map_err(|source| TablesError::MapType { name, source })
+}
+
 /// Addresses of the gateway itself, whose own flows are never steered.
-pub fn set_local_addrs(ebpf: &mut Ebpf, addrs: &[Ipv4Addr]) -> Result<(), TablesError> {
-    let map = ebpf
-        .map_mut(maps::LOCAL4)
-        .ok_or(TablesError::MissingMap { name: maps::LOCAL4 })?;
-    let mut local: aya::maps::HashMap<&mut MapData, u32, u32> =
-        aya::maps::HashMap::try_from(map).map_err(|source| TablesError::MapType {
-            name: maps::LOCAL4,
-            source,
-        })?;
+pub fn set_local_addrs(ebpf: &mut Ebpf, addrs: &[std::net::Ipv4Addr]) -> Result<(), TablesError> {
+    let mut local = hash_map::<u32, u32>(ebpf, maps::LOCAL4)?;
     let wanted: Vec<u32> = addrs.iter().map(|a| u32::from(*a).to_be()).collect();
     // Add before removing, so an address present in both lists is never
     // briefly missing.
@@ -451,4 +581,70 @@ pub fn set_local_addrs(ebpf: &mut Ebpf, addrs: &[Ipv4Addr]) -> Result<(), Tables
         local.remove(&key).map_err(write_err(maps::LOCAL4))?;
     }
     Ok(())
+}
+
+/// Replace the contents of a policy-independent prefix -> id trie pair
+/// (identities by source, countries by destination). New entries first,
+/// then stale ones removed, so no covered address is ever briefly unknown.
+fn replace_prefix_ids(
+    ebpf: &mut Ebpf,
+    names: (&'static str, &'static str),
+    entries: &[(IpNet, u32)],
+) -> Result<(), TablesError> {
+    fn sync<K: Pod + Eq + Hash>(
+        ebpf: &mut Ebpf,
+        name: &'static str,
+        wanted: HashMap<K, (u32, u32)>,
+    ) -> Result<(), TablesError> {
+        let map = ebpf.map_mut(name).ok_or(TablesError::MissingMap { name })?;
+        let mut trie: LpmTrie<&mut MapData, K, u32> =
+            LpmTrie::try_from(map).map_err(|source| TablesError::MapType { name, source })?;
+        let cap = capacity(trie.map(), name)?;
+        if wanted.len() > cap as usize {
+            return Err(TablesError::TableFull {
+                map: name,
+                needed: wanted.len(),
+                capacity: cap,
+            });
+        }
+        for (data, (len, id)) in &wanted {
+            trie.insert(&Key::new(*len, *data), id, 0)
+                .map_err(write_err(name))?;
+        }
+        let stale: Vec<Key<K>> = trie
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                wanted
+                    .get(&k.data())
+                    .is_none_or(|(len, _)| *len != k.prefix_len())
+            })
+            .collect();
+        for key in stale {
+            trie.remove(&key).map_err(write_err(name))?;
+        }
+        Ok(())
+    }
+    let mut v4 = HashMap::new();
+    let mut v6 = HashMap::new();
+    for (net, id) in entries {
+        match net.trunc() {
+            IpNet::V4(n) => v4.insert(n.network().octets(), (u32::from(n.prefix_len()), *id)),
+            IpNet::V6(n) => v6.insert(n.network().octets(), (u32::from(n.prefix_len()), *id)),
+        };
+    }
+    sync(ebpf, names.0, v4)?;
+    sync(ebpf, names.1, v6)
+}
+
+/// Which identity id each source prefix belongs to (0 is never stored: an
+/// address without an entry has no identity).
+pub fn set_identity_addrs(ebpf: &mut Ebpf, entries: &[(IpNet, u32)]) -> Result<(), TablesError> {
+    replace_prefix_ids(ebpf, (maps::ID4, maps::ID6), entries)
+}
+
+/// Which country id each destination prefix is in.
+pub fn set_countries(ebpf: &mut Ebpf, entries: &[(IpNet, u16)]) -> Result<(), TablesError> {
+    let entries: Vec<(IpNet, u32)> = entries.iter().map(|(n, c)| (*n, u32::from(*c))).collect();
+    replace_prefix_ids(ebpf, (maps::GEO4, maps::GEO6), &entries)
 }

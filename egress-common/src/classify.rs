@@ -13,7 +13,9 @@
 //! inactive generation and then flips [`crate::maps::GEN`] with one write, so
 //! a packet sees either the whole old or the whole new policy set.
 
-/// Upper bound on policies in one policy set (bits in a class row).
+/// Upper bound on classifier rules in one policy set (bits in a class row).
+/// A policy is one rule, or one per alternative when its condition has an
+/// `or` across dimensions.
 pub const MAX_POLICIES: u32 = 4096;
 /// 64-bit words in a class row.
 pub const BV_WORDS: usize = (MAX_POLICIES / 64) as usize;
@@ -64,6 +66,15 @@ impl ClassRow {
         let word = (index / 64) as usize;
         self.words[word] |= 1 << (index % 64);
         self.summary |= 1 << word;
+    }
+
+    /// Withdraw policy `index`, keeping the summary exact.
+    pub fn remove(&mut self, index: u32) {
+        let word = (index / 64) as usize;
+        self.words[word] &= !(1 << (index % 64));
+        if self.words[word] == 0 {
+            self.summary &= !(1 << word);
+        }
     }
 
     pub fn contains(&self, index: u32) -> bool {
@@ -134,6 +145,38 @@ const _: () = assert!(size_of::<GenPrefix4>() == 5);
 #[cfg(feature = "user")]
 // SAFETY: repr(C) of bytes only: no padding.
 unsafe impl aya::Pod for GenPrefix4 {}
+
+/// Data part of an IPv6 classifier trie key, as [`GenPrefix4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GenPrefix6 {
+    pub generation: u8,
+    /// Address bytes, network order.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<GenPrefix6>() == 17);
+#[cfg(feature = "user")]
+// SAFETY: repr(C) of bytes only: no padding.
+unsafe impl aya::Pod for GenPrefix6 {}
+
+/// Identity ids per generation in the identity class table; id 0 means
+/// "no identity behind this source".
+pub const DEFAULT_IDENTITY_SLOTS: u32 = 131_072;
+/// Country ids per generation in the country class table; id 0 means
+/// "country unknown".
+pub const COUNTRY_SLOTS: u32 = 256;
+
+/// Index into the identity class table (`slots` = identity ids per generation).
+#[inline(always)]
+pub const fn identity_slot(generation: u32, slots: u32, identity: u32) -> u32 {
+    (generation & 1) * slots + identity
+}
+
+/// Index into the country class table.
+#[inline(always)]
+pub const fn country_slot(generation: u32, country: u32) -> u32 {
+    (generation & 1) * COUNTRY_SLOTS + (country & (COUNTRY_SLOTS - 1))
+}
 
 /// Bits the generation byte adds to a trie key's prefix length.
 pub const GEN_PREFIX_BITS: u32 = 8;
@@ -246,7 +289,9 @@ pub struct Settings {
     /// when a flow's own source port is taken.
     pub port_min: u16,
     pub port_max: u16,
-    pub _reserved: u32,
+    /// Identity ids per generation in the identity class table (the table
+    /// holds two generations), so the dataplane can index it.
+    pub identity_slots: u32,
 }
 const _: () = assert!(size_of::<Settings>() == 8);
 #[cfg(feature = "user")]
@@ -258,7 +303,7 @@ impl Default for Settings {
         Self {
             port_min: 1024,
             port_max: 65535,
-            _reserved: 0,
+            identity_slots: DEFAULT_IDENTITY_SLOTS,
         }
     }
 }

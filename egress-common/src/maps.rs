@@ -13,6 +13,23 @@ pub const NAT4: &str = "EG_NAT4";
 pub const SRC4: &str = "EG_SRC4";
 /// Classifier: IPv4 destination prefix (generation-keyed LPM) -> class row.
 pub const DST4: &str = "EG_DST4";
+/// Classifier: IPv6 source prefix (generation-keyed LPM) -> class row.
+pub const SRC6: &str = "EG_SRC6";
+/// Classifier: IPv6 destination prefix (generation-keyed LPM) -> class row.
+pub const DST6: &str = "EG_DST6";
+/// Source IPv4 prefix -> identity id (not per generation: identities
+/// change independently of policies).
+pub const ID4: &str = "EG_ID4";
+/// Source IPv6 prefix -> identity id.
+pub const ID6: &str = "EG_ID6";
+/// Classifier: (generation, identity id) -> class row.
+pub const ID_CLASS: &str = "EG_ID_CLASS";
+/// Destination IPv4 prefix -> country id (not per generation).
+pub const GEO4: &str = "EG_GEO4";
+/// Destination IPv6 prefix -> country id.
+pub const GEO6: &str = "EG_GEO6";
+/// Classifier: (generation, country id) -> class row.
+pub const GEO_CLASS: &str = "EG_GEO_CLASS";
 /// Classifier: (generation, protocol, destination port) -> class row.
 pub const PORTS: &str = "EG_PORTS";
 /// Classifier: class row -> bit vector of the policies it admits.
@@ -38,6 +55,14 @@ pub const ALL: &[&str] = &[
     NAT4,
     SRC4,
     DST4,
+    SRC6,
+    DST6,
+    ID4,
+    ID6,
+    ID_CLASS,
+    GEO4,
+    GEO6,
+    GEO_CLASS,
     PORTS,
     CLASSES,
     ACTIONS,
@@ -57,8 +82,12 @@ pub const PROG_INGRESS: &str = "ingress_restore";
 /// Default number of flows the connection tables hold (each direction).
 pub const DEFAULT_MAX_FLOWS: u32 = 1 << 20;
 /// Default class rows per generation (the agent may size the map larger).
-pub const DEFAULT_CLASSES_PER_GEN: u32 = 8192;
+pub const DEFAULT_CLASSES_PER_GEN: u32 = 16384;
 /// Default prefix capacity of each classifier trie (both generations).
 pub const DEFAULT_PREFIXES: u32 = 65536;
+/// Default prefix capacity of the identity tries (addresses of sessions).
+pub const DEFAULT_IDENTITY_PREFIXES: u32 = 262_144;
+/// Default prefix capacity of each country trie.
+pub const DEFAULT_GEO_PREFIXES: u32 = 1 << 20;
 /// Capacity of the gateway-address table.
 pub const MAX_LOCAL_ADDRS: u32 = 1024;

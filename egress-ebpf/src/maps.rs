@@ -8,12 +8,15 @@ use aya_ebpf::{
 };
 use egress_common::{
     classify::{
-        ACTIONS_PER_GEN, Action, ClassRow, GENERATIONS, GenPrefix4, MAX_POOLS, PORT_SLOTS_PER_GEN,
-        Pool, Settings,
+        ACTIONS_PER_GEN, Action, COUNTRY_SLOTS, ClassRow, DEFAULT_IDENTITY_SLOTS, GENERATIONS,
+        GenPrefix4, GenPrefix6, MAX_POOLS, PORT_SLOTS_PER_GEN, Pool, Settings,
     },
     conntrack::{CtEntry4, RevEntry4},
     flow::Tuple4,
-    maps::{DEFAULT_CLASSES_PER_GEN, DEFAULT_MAX_FLOWS, DEFAULT_PREFIXES, MAX_LOCAL_ADDRS},
+    maps::{
+        DEFAULT_CLASSES_PER_GEN, DEFAULT_GEO_PREFIXES, DEFAULT_IDENTITY_PREFIXES,
+        DEFAULT_MAX_FLOWS, DEFAULT_PREFIXES, MAX_LOCAL_ADDRS,
+    },
     stats::{Counter, PolicyStats},
 };
 
@@ -28,6 +31,31 @@ pub static EG_SRC4: LpmTrie<GenPrefix4, u32> = LpmTrie::with_max_entries(DEFAULT
 
 #[map]
 pub static EG_DST4: LpmTrie<GenPrefix4, u32> = LpmTrie::with_max_entries(DEFAULT_PREFIXES, 0);
+
+#[map]
+pub static EG_SRC6: LpmTrie<GenPrefix6, u32> = LpmTrie::with_max_entries(DEFAULT_PREFIXES, 0);
+
+#[map]
+pub static EG_DST6: LpmTrie<GenPrefix6, u32> = LpmTrie::with_max_entries(DEFAULT_PREFIXES, 0);
+
+#[map]
+pub static EG_ID4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(DEFAULT_IDENTITY_PREFIXES, 0);
+
+#[map]
+pub static EG_ID6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(DEFAULT_IDENTITY_PREFIXES, 0);
+
+#[map]
+pub static EG_ID_CLASS: Array<u32> =
+    Array::with_max_entries(GENERATIONS * DEFAULT_IDENTITY_SLOTS, 0);
+
+#[map]
+pub static EG_GEO4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(DEFAULT_GEO_PREFIXES, 0);
+
+#[map]
+pub static EG_GEO6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(DEFAULT_GEO_PREFIXES, 0);
+
+#[map]
+pub static EG_GEO_CLASS: Array<u32> = Array::with_max_entries(GENERATIONS * COUNTRY_SLOTS, 0);
 
 #[map]
 pub static EG_PORTS: Array<u32> = Array::with_max_entries(GENERATIONS * PORT_SLOTS_PER_GEN, 0);

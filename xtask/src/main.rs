@@ -1,6 +1,7 @@
 //! `cargo xtask`: the one entry point for setting up the toolchain, building
 //! the eBPF object, running the tests and the lab demo.
 
+mod bench;
 mod build;
 mod run;
 mod setup;
@@ -31,6 +32,8 @@ enum Command {
     /// agent on the gateway with examples/policies.json and show which egress
     /// address each sample flow left from. Ctrl-C tears everything down.
     Run(run::RunArgs),
+    /// Measure the dataplane's per-packet cost and write docs/BENCHMARKS.md.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -43,6 +46,7 @@ fn main() {
         Command::Build(args) => build::build(&args).map(|_| ()),
         Command::Test(args) => test::test(&args),
         Command::Run(args) => run::run(&args),
+        Command::Bench(args) => bench::bench(&args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

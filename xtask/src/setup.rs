@@ -116,7 +116,11 @@ pub fn setup() -> anyhow::Result<Tools> {
     }
     eprintln!(
         "setup: toolchain ready ({} from Debian; bpf-linker {BPF_LINKER_VERSION} in {})",
-        PACKAGES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
+        PACKAGES
+            .iter()
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(", "),
         bin_dir.display()
     );
     Ok(Tools { bin_dir })

@@ -1,4 +1,5 @@
-//! `egress-agent check`: validate a policy file and show what it compiles to.
+//! `egress-agent check`: validate a policy file, show each policy as the
+//! classifier rules it becomes, and warn about policies that can never match.
 
 use std::fmt::Write as _;
 
@@ -6,12 +7,17 @@ use anyhow::Context as _;
 
 use crate::{
     cli::CheckArgs,
-    policy::{self, PolicySet, model::Egress},
+    policy::{
+        self, PolicySet,
+        analyze::{Finding, analyze},
+        dnf::Conjunction,
+        model::{Egress, Expr},
+    },
 };
 
 pub fn check(args: &CheckArgs) -> anyhow::Result<()> {
     let set = policy::load(&args.file).with_context(|| args.file.display().to_string())?;
-    let compiled = policy::compile(&set);
+    let compiled = policy::compile(&set, &[]);
     print!("{}", summary(&set, &compiled));
     Ok(())
 }
@@ -22,6 +28,35 @@ fn list<T: ToString>(items: &[T]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// One rule as an expression: its predicates ANDed, in dimension order.
+pub fn conjunction_text(conj: &Conjunction) -> String {
+    let preds: Vec<Expr> = conj
+        .preds
+        .values()
+        .flat_map(|p| match p {
+            Expr::And(parts) => parts.clone(),
+            other => vec![other.clone()],
+        })
+        .collect();
+    match preds.len() {
+        0 => "any flow".to_owned(),
+        1 => preds[0].to_string(),
+        _ => Expr::And(preds).to_string(),
+    }
+}
+
+/// Where a policy's flows leave from, in words.
+pub fn egress_text(set: &PolicySet, egress: Egress) -> String {
+    match egress {
+        Egress::Default => format!("default ({})", set.default_egress.ipv4),
+        Egress::Bypass => "bypass (untouched)".to_owned(),
+        Egress::Pool(k) => {
+            let pool = &set.pools[k];
+            format!("pool {} [{}]", pool.name, list(&pool.ipv4))
+        }
+    }
 }
 
 /// Human-readable summary of a valid policy set.
@@ -38,34 +73,12 @@ pub fn summary(set: &PolicySet, compiled: &policy::Compiled) -> String {
     let _ = writeln!(out, "nat: translated ports {}", set.nat.port_range);
     let _ = writeln!(out, "policies ({}, first match wins):", set.policies.len());
     for (i, p) in set.policies.iter().enumerate() {
-        let mut fields = Vec::new();
-        let s = &p.selector;
-        if !s.src.is_empty() {
-            fields.push(format!("src [{}]", list(&s.src)));
-        }
-        if !s.dst.is_empty() {
-            fields.push(format!("dst [{}]", list(&s.dst)));
-        }
-        if !s.protocols.is_empty() {
-            fields.push(format!("protocols [{}]", list(&s.protocols)));
-        }
-        if !s.dst_ports.is_empty() {
-            fields.push(format!("dst_ports [{}]", list(&s.dst_ports)));
-        }
-        let selector = if fields.is_empty() {
-            "any flow".to_owned()
-        } else {
-            fields.join(" and ")
-        };
-        let egress = match p.action.egress {
-            Egress::Default => format!("default ({})", set.default_egress.ipv4),
-            Egress::Bypass => "bypass (untouched)".to_owned(),
-            Egress::Pool(k) => {
-                let pool = &set.pools[k];
-                format!("pool {} [{}]", pool.name, list(&pool.ipv4))
-            }
-        };
-        let _ = write!(out, "  [{i}] {:?}: {selector} -> {egress}", p.name);
+        let _ = write!(
+            out,
+            "  [{i}] {:?} -> {}",
+            p.name,
+            egress_text(set, p.action.egress)
+        );
         if let Some(mark) = p.action.mark {
             let _ = write!(out, ", mark {mark:#x}");
         }
@@ -73,6 +86,13 @@ pub fn summary(set: &PolicySet, compiled: &policy::Compiled) -> String {
             out.push_str(" (disabled)");
         }
         out.push('\n');
+        for (k, conj) in p.rules.iter().enumerate() {
+            let lead = if k == 0 { "     " } else { "  or " };
+            let _ = writeln!(out, "  {lead}{}", conjunction_text(conj));
+        }
+        if p.rules.is_empty() {
+            let _ = writeln!(out, "       never");
+        }
     }
     let _ = writeln!(
         out,
@@ -81,10 +101,30 @@ pub fn summary(set: &PolicySet, compiled: &policy::Compiled) -> String {
     );
     let _ = writeln!(
         out,
-        "compiled: {} source prefixes, {} destination prefixes, {} classes",
+        "compiled: {} rules, {} classes, prefixes: {} source + {} destination (IPv4), {} + {} (IPv6)",
+        compiled.rules.len(),
+        compiled.classes.len(),
         compiled.src4.len(),
         compiled.dst4.len(),
-        compiled.classes.len()
+        compiled.src6.len(),
+        compiled.dst6.len(),
     );
+    for finding in analyze(set) {
+        let name = |i: usize| format!("policies[{i}] {:?}", set.policies[i].name);
+        let _ = match finding {
+            Finding::Unreachable { policy, reason } => {
+                writeln!(out, "warning: {} can never match: {reason}", name(policy))
+            }
+            Finding::Shadowed { policy, by } => writeln!(
+                out,
+                "warning: {} can never match: every flow it selects is taken by {}",
+                name(policy),
+                by.iter()
+                    .map(|&i| name(i))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            ),
+        };
+    }
     out
 }

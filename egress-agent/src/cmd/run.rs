@@ -31,12 +31,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // Validate before touching the kernel: a bad file attaches nothing.
     let set = policy::load(&config).with_context(|| config.display().to_string())?;
-    let compiled = policy::compile(&set);
+    let compiled = policy::compile(&set, &[]);
 
     let mut dataplane = Dataplane::load(&LoadOptions {
         max_flows,
         classes_per_gen: max_classes,
         max_prefixes,
+        ..LoadOptions::default()
     })
     .context("loading the dataplane")?;
     if let Some(logger) = dataplane.take_logger() {
@@ -104,7 +105,7 @@ fn reload(config: &Path, tables: &mut Tables) {
             return;
         }
     };
-    let compiled = policy::compile(&set);
+    let compiled = policy::compile(&set, &[]);
     match tables.apply(&set, &compiled) {
         Ok(report) => info!(
             "reloaded {}: {} policies, generation {} ({} writes, {} deletes)",

@@ -1,9 +1,14 @@
-//! The reference evaluator: a plain first-match walk over the policy list.
-//! It defines what the compiled tables must compute, and explains decisions.
+//! The reference evaluator: a plain first-match walk over the policy list,
+//! evaluating each policy's condition as written. It defines what the
+//! compiled tables must compute, and explains decisions.
 
 use std::net::IpAddr;
 
-use super::model::{Policy, PolicySet, Protocol, Selector};
+use super::{
+    dnf::Conjunction,
+    geo,
+    model::{Atom, CountryCode, Dimension, Expr, Identity, Policy, PolicySet, Protocol},
+};
 
 /// The fields of a flow's first packet that policies select on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,63 +21,115 @@ pub struct Flow {
     pub dst_port: u16,
 }
 
-/// Why a selector rejected a flow: the first field that did not match.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A flow with what the gateway knows about its ends.
+#[derive(Clone, Copy, Debug)]
+pub struct Context<'a> {
+    pub flow: Flow,
+    /// The identity behind the source address, if any.
+    pub identity: Option<&'a Identity>,
+    /// The destination's country, if the country database knows it.
+    pub country: Option<CountryCode>,
+}
+
+impl<'a> Context<'a> {
+    pub fn new(flow: Flow) -> Self {
+        Self {
+            flow,
+            identity: None,
+            country: None,
+        }
+    }
+}
+
+impl Atom {
+    pub fn eval(&self, ctx: &Context<'_>) -> bool {
+        let flow = &ctx.flow;
+        let proto = Protocol::from_number(flow.proto);
+        match self {
+            Self::SrcIp(nets) => nets.iter().any(|n| n.contains(&flow.src)),
+            Self::DstIp(nets) => nets.iter().any(|n| n.contains(&flow.dst)),
+            Self::Protocol(ps) => proto.is_some_and(|p| ps.contains(&p)),
+            Self::DstPort(ranges) => {
+                proto.is_some_and(Protocol::has_ports)
+                    && ranges.iter().any(|r| r.contains(flow.dst_port))
+            }
+            Self::User(users) => ctx
+                .identity
+                .is_some_and(|id| users.iter().any(|u| u.eq_ignore_ascii_case(&id.user))),
+            Self::Group(groups) => ctx
+                .identity
+                .is_some_and(|id| groups.iter().any(|g| id.groups.contains(g))),
+            Self::Posture(tags) => ctx
+                .identity
+                .is_some_and(|id| tags.iter().any(|t| id.posture.contains(t))),
+            Self::Country(codes) => ctx.country.is_some_and(|c| codes.contains(&c)),
+            Self::Continent(continents) => ctx
+                .country
+                .and_then(|c| geo::lookup(&c.to_string()))
+                .is_some_and(|(_, _, continent)| continents.contains(&continent)),
+        }
+    }
+}
+
+impl Expr {
+    pub fn eval(&self, ctx: &Context<'_>) -> bool {
+        match self {
+            Self::True => true,
+            Self::Atom(a) => a.eval(ctx),
+            Self::Not(e) => !e.eval(ctx),
+            Self::And(es) => es.iter().all(|e| e.eval(ctx)),
+            Self::Or(es) => es.iter().any(|e| e.eval(ctx)),
+        }
+    }
+}
+
+/// Why a policy did not match a flow.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mismatch {
     Disabled,
-    Src,
-    Dst,
-    Protocol,
-    DstPort,
-}
-
-impl Mismatch {
-    pub fn describe(self) -> &'static str {
-        match self {
-            Self::Disabled => "policy is disabled",
-            Self::Src => "source address not in src",
-            Self::Dst => "destination address not in dst",
-            Self::Protocol => "protocol not in protocols",
-            Self::DstPort => "destination port not in dst_ports",
-        }
-    }
-}
-
-impl Selector {
-    /// `Ok(())` when the flow matches, otherwise the first field that does not.
-    pub fn check(&self, flow: &Flow) -> Result<(), Mismatch> {
-        if !self.src.is_empty() && !self.src.iter().any(|n| n.contains(&flow.src)) {
-            return Err(Mismatch::Src);
-        }
-        if !self.dst.is_empty() && !self.dst.iter().any(|n| n.contains(&flow.dst)) {
-            return Err(Mismatch::Dst);
-        }
-        let proto = Protocol::from_number(flow.proto);
-        if !self.protocols.is_empty() && !proto.is_some_and(|p| self.protocols.contains(&p)) {
-            return Err(Mismatch::Protocol);
-        }
-        if !self.dst_ports.is_empty() {
-            let has_ports = proto.is_some_and(Protocol::has_ports);
-            if !has_ports || !self.dst_ports.iter().any(|r| r.contains(flow.dst_port)) {
-                return Err(Mismatch::DstPort);
-            }
-        }
-        Ok(())
-    }
+    /// The policy is about identities and the source has none.
+    NoIdentity,
+    /// Per alternative of the condition: the first predicate that failed.
+    Failed(Vec<(Dimension, Expr)>),
 }
 
 impl Policy {
-    pub fn check(&self, flow: &Flow) -> Result<(), Mismatch> {
+    /// Whether the policy applies to the flow: enabled, identity present if
+    /// the condition mentions one, and the condition true.
+    pub fn matches(&self, ctx: &Context<'_>) -> bool {
+        self.enabled
+            && !(self.requires_identity() && ctx.identity.is_none())
+            && self.matcher.eval(ctx)
+    }
+
+    /// `Ok` when the policy matches, otherwise why not.
+    pub fn check(&self, ctx: &Context<'_>) -> Result<(), Mismatch> {
         if !self.enabled {
             return Err(Mismatch::Disabled);
         }
-        self.selector.check(flow)
+        if self.requires_identity() && ctx.identity.is_none() {
+            return Err(Mismatch::NoIdentity);
+        }
+        if self.matcher.eval(ctx) {
+            return Ok(());
+        }
+        Err(Mismatch::Failed(
+            self.rules
+                .iter()
+                .filter_map(|c: &Conjunction| {
+                    c.preds
+                        .iter()
+                        .find(|(_, pred)| !pred.eval(ctx))
+                        .map(|(d, p)| (*d, p.clone()))
+                })
+                .collect(),
+        ))
     }
 }
 
 impl PolicySet {
     /// Index of the first policy that matches, or `None` (default egress).
-    pub fn first_match(&self, flow: &Flow) -> Option<usize> {
-        self.policies.iter().position(|p| p.check(flow).is_ok())
+    pub fn first_match(&self, ctx: &Context<'_>) -> Option<usize> {
+        self.policies.iter().position(|p| p.matches(ctx))
     }
 }

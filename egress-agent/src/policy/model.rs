@@ -76,14 +76,161 @@ impl fmt::Display for PortRange {
     }
 }
 
-/// Which flows a policy applies to. Fields are ANDed; the values inside one
-/// field are ORed; an empty field matches everything.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Selector {
-    pub src: Vec<IpNet>,
-    pub dst: Vec<IpNet>,
-    pub protocols: Vec<Protocol>,
-    pub dst_ports: Vec<PortRange>,
+/// An ISO 3166-1 alpha-2 country code, upper case (`PT`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CountryCode(pub [u8; 2]);
+
+impl fmt::Display for CountryCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.0[0] as char, self.0[1] as char)
+    }
+}
+
+/// Continents as GeoIP databases code them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Continent {
+    Af,
+    An,
+    As,
+    Eu,
+    Na,
+    Oc,
+    Sa,
+}
+
+impl Continent {
+    pub const ALL: [Continent; 7] = [
+        Self::Af,
+        Self::An,
+        Self::As,
+        Self::Eu,
+        Self::Na,
+        Self::Oc,
+        Self::Sa,
+    ];
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Af => "AF",
+            Self::An => "AN",
+            Self::As => "AS",
+            Self::Eu => "EU",
+            Self::Na => "NA",
+            Self::Oc => "OC",
+            Self::Sa => "SA",
+        }
+    }
+
+    pub fn from_code(code: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|c| c.code().eq_ignore_ascii_case(code))
+    }
+}
+
+impl fmt::Display for Continent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// The table a condition is looked up in by the dataplane. Conditions on
+/// one dimension combine freely (and, or, not) at no cost; only an `or`
+/// across dimensions makes a policy occupy more than one classifier rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dimension {
+    /// Source address prefixes.
+    Src,
+    /// Destination address prefixes.
+    Dst,
+    /// Protocol and destination port.
+    L4,
+    /// The identity behind the source address: user, groups, posture.
+    Identity,
+    /// The destination address's country.
+    Country,
+}
+
+impl Dimension {
+    pub const ALL: [Dimension; 5] = [
+        Self::Src,
+        Self::Dst,
+        Self::L4,
+        Self::Identity,
+        Self::Country,
+    ];
+}
+
+/// A condition on one field of a flow. Each holds a set of values and is
+/// true when the field's value is one of them (for groups and posture
+/// checks: when any of the identity's values is one of them).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Atom {
+    /// `net.src.ip in {...}`: the source address is in one of the prefixes.
+    SrcIp(Vec<IpNet>),
+    /// `net.dst.ip in {...}`.
+    DstIp(Vec<IpNet>),
+    /// `net.protocol in {...}`.
+    Protocol(Vec<Protocol>),
+    /// `net.dst.port in {...}`: only TCP and UDP flows have ports, so this
+    /// is false for every other protocol.
+    DstPort(Vec<PortRange>),
+    /// `identity.email in {...}`, compared in lower case.
+    User(Vec<String>),
+    /// `any(identity.groups[*].name in {...})`.
+    Group(Vec<String>),
+    /// `any(device_posture.checks.passed[*] in {...})`: posture tags.
+    Posture(Vec<String>),
+    /// `net.dst.geo.country in {...}`.
+    Country(Vec<CountryCode>),
+    /// `net.dst.geo.continent in {...}`.
+    Continent(Vec<Continent>),
+}
+
+impl Atom {
+    pub fn dimension(&self) -> Dimension {
+        match self {
+            Self::SrcIp(_) => Dimension::Src,
+            Self::DstIp(_) => Dimension::Dst,
+            Self::Protocol(_) | Self::DstPort(_) => Dimension::L4,
+            Self::User(_) | Self::Group(_) | Self::Posture(_) => Dimension::Identity,
+            Self::Country(_) | Self::Continent(_) => Dimension::Country,
+        }
+    }
+}
+
+/// A boolean condition over a flow.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Expr {
+    /// Matches every flow (an empty selector).
+    True,
+    Atom(Atom),
+    Not(Box<Expr>),
+    And(Vec<Expr>),
+    Or(Vec<Expr>),
+}
+
+impl Expr {
+    /// Whether any condition in the expression is about the identity.
+    pub fn mentions_identity(&self) -> bool {
+        match self {
+            Self::True => false,
+            Self::Atom(a) => a.dimension() == Dimension::Identity,
+            Self::Not(e) => e.mentions_identity(),
+            Self::And(es) | Self::Or(es) => es.iter().any(Self::mentions_identity),
+        }
+    }
+}
+
+/// Who is behind a source address (delivered by sessions or an identities
+/// file) and the state of their device.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Identity {
+    /// User name, normally an e-mail address; compared in lower case.
+    pub user: String,
+    pub groups: std::collections::BTreeSet<String>,
+    /// Posture checks the device currently passes ("compliant", ...).
+    pub posture: std::collections::BTreeSet<String>,
 }
 
 /// Where a policy's flows leave from.
@@ -109,8 +256,20 @@ pub struct Policy {
     pub name: String,
     pub description: Option<String>,
     pub enabled: bool,
-    pub selector: Selector,
+    /// The selector object and the three expressions, ANDed.
+    pub matcher: Expr,
+    /// `matcher` as classifier rules: alternatives, each ANDing at most one
+    /// predicate per dimension (see `dnf.rs`).
+    pub rules: Vec<super::dnf::Conjunction>,
     pub action: Action,
+}
+
+impl Policy {
+    /// Policies that mention the identity never match a flow whose source
+    /// has none, whatever the form of the condition (even `not(...)`).
+    pub fn requires_identity(&self) -> bool {
+        self.matcher.mentions_identity()
+    }
 }
 
 /// A named set of dedicated egress addresses.

@@ -16,8 +16,14 @@ use serde::{
     de::{self, MapAccess, Visitor},
 };
 
-use super::model::{
-    Action, DefaultEgress, Egress, Nat, Policy, PolicySet, Pool, PortRange, Protocol, Selector,
+use super::{
+    dnf,
+    expr::{self, ExprKind},
+    geo,
+    model::{
+        Action, Atom, Continent, CountryCode, DefaultEgress, Egress, Expr, Nat, Policy, PolicySet,
+        Pool, PortRange, Protocol,
+    },
 };
 
 /// Why a policy file was rejected. Displayed as one line naming the place at fault.
@@ -134,7 +140,15 @@ struct PolicyJson {
     description: Option<String>,
     #[serde(default = "enabled_by_default")]
     enabled: bool,
-    selector: SelectorJson,
+    #[serde(default)]
+    selector: Option<SelectorJson>,
+    /// Zero-trust gateway expressions, ANDed with the selector and each other.
+    #[serde(default)]
+    traffic: Option<String>,
+    #[serde(default)]
+    identity: Option<String>,
+    #[serde(default)]
+    device_posture: Option<String>,
     action: ActionJson,
 }
 
@@ -148,11 +162,138 @@ struct SelectorJson {
     #[serde(default)]
     src: Vec<Cidr>,
     #[serde(default)]
+    not_src: Vec<Cidr>,
+    #[serde(default)]
     dst: Vec<Cidr>,
+    #[serde(default)]
+    not_dst: Vec<Cidr>,
     #[serde(default)]
     protocols: Vec<Protocol>,
     #[serde(default)]
     dst_ports: Vec<PortRange>,
+    #[serde(default)]
+    users: Vec<Name>,
+    #[serde(default)]
+    groups: Vec<Name>,
+    #[serde(default)]
+    posture: Vec<Name>,
+    #[serde(default)]
+    dst_countries: Vec<Country>,
+    #[serde(default)]
+    dst_continents: Vec<ContinentJson>,
+}
+
+/// A non-empty user, group or posture name.
+struct Name(String);
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.trim().is_empty() {
+            return Err(de::Error::custom("empty name"));
+        }
+        Ok(Self(s))
+    }
+}
+
+/// An assigned ISO 3166-1 alpha-2 code.
+struct Country(CountryCode);
+
+impl<'de> Deserialize<'de> for Country {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        geo::lookup(&s)
+            .map(|(code, _, _)| Self(code))
+            .ok_or_else(|| {
+                let hint = if s.eq_ignore_ascii_case("UK") {
+                    " (the United Kingdom is \"GB\")"
+                } else {
+                    ""
+                };
+                de::Error::custom(format!(
+                    "unknown country code {s:?}: expected an ISO 3166-1 alpha-2 code{hint}"
+                ))
+            })
+    }
+}
+
+struct ContinentJson(Continent);
+
+impl<'de> Deserialize<'de> for ContinentJson {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Continent::from_code(&s).map(Self).ok_or_else(|| {
+            de::Error::custom(format!(
+                "unknown continent {s:?}: expected AF, AN, AS, EU, NA, OC or SA"
+            ))
+        })
+    }
+}
+
+impl SelectorJson {
+    /// The selector as a conjunction of conditions (`Expr::True` when empty).
+    fn to_expr(&self) -> Expr {
+        let nets = |v: &[Cidr]| v.iter().map(|c| c.0).collect::<Vec<_>>();
+        let names = |v: &[Name]| v.iter().map(|n| n.0.clone()).collect::<Vec<_>>();
+        let mut protocols = self.protocols.clone();
+        protocols.sort();
+        protocols.dedup();
+        let mut atoms = Vec::new();
+        let mut push = |present: bool, atom: Atom, negate: bool| {
+            if present {
+                let e = Expr::Atom(atom);
+                atoms.push(if negate { Expr::Not(Box::new(e)) } else { e });
+            }
+        };
+        push(!self.src.is_empty(), Atom::SrcIp(nets(&self.src)), false);
+        push(
+            !self.not_src.is_empty(),
+            Atom::SrcIp(nets(&self.not_src)),
+            true,
+        );
+        push(!self.dst.is_empty(), Atom::DstIp(nets(&self.dst)), false);
+        push(
+            !self.not_dst.is_empty(),
+            Atom::DstIp(nets(&self.not_dst)),
+            true,
+        );
+        push(!protocols.is_empty(), Atom::Protocol(protocols), false);
+        push(
+            !self.dst_ports.is_empty(),
+            Atom::DstPort(self.dst_ports.clone()),
+            false,
+        );
+        push(
+            !self.users.is_empty(),
+            Atom::User(self.users.iter().map(|n| n.0.to_lowercase()).collect()),
+            false,
+        );
+        push(
+            !self.groups.is_empty(),
+            Atom::Group(names(&self.groups)),
+            false,
+        );
+        push(
+            !self.posture.is_empty(),
+            Atom::Posture(names(&self.posture)),
+            false,
+        );
+        push(
+            !self.dst_countries.is_empty(),
+            Atom::Country(self.dst_countries.iter().map(|c| c.0).collect()),
+            false,
+        );
+        push(
+            !self.dst_continents.is_empty(),
+            Atom::Continent(self.dst_continents.iter().map(|c| c.0).collect()),
+            false,
+        );
+        match atoms.len() {
+            0 => Expr::True,
+            1 => atoms.pop().expect("one atom"),
+            _ => Expr::And(atoms),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -342,6 +483,66 @@ fn check_unicast(path: &str, addr: Ipv4Addr) -> Result<(), PolicyError> {
     Ok(())
 }
 
+impl PolicyJson {
+    /// The selector and the expressions, ANDed, as one condition.
+    fn matcher(&self, path: &str) -> Result<Expr, PolicyError> {
+        if self.selector.is_none()
+            && self.traffic.is_none()
+            && self.identity.is_none()
+            && self.device_posture.is_none()
+        {
+            return Err(PolicyError::invalid(
+                path,
+                "a policy needs a \"selector\" or an expression (\"traffic\", \"identity\", \"device_posture\"); use \"selector\": {} to match every flow",
+            ));
+        }
+        let mut parts = Vec::new();
+        if let Some(sel) = &self.selector {
+            if !sel.dst_ports.is_empty()
+                && !sel.protocols.is_empty()
+                && !sel.protocols.iter().any(|p| p.has_ports())
+            {
+                let mut protocols = sel.protocols.clone();
+                protocols.sort();
+                protocols.dedup();
+                return Err(PolicyError::invalid(
+                    format!("{path}.selector.dst_ports"),
+                    format!(
+                        "ports only apply to tcp and udp, but protocols is [{}]",
+                        protocols
+                            .iter()
+                            .map(|p| p.name())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+            parts.push(sel.to_expr());
+        }
+        for (field, text, kind) in [
+            ("traffic", &self.traffic, ExprKind::Traffic),
+            ("identity", &self.identity, ExprKind::Identity),
+            (
+                "device_posture",
+                &self.device_posture,
+                ExprKind::DevicePosture,
+            ),
+        ] {
+            if let Some(text) = text {
+                let parsed = expr::parse(text, kind)
+                    .map_err(|e| PolicyError::invalid(format!("{path}.{field}"), e.to_string()))?;
+                parts.push(parsed);
+            }
+        }
+        parts.retain(|e| *e != Expr::True);
+        Ok(match parts.len() {
+            0 => Expr::True,
+            1 => parts.pop().expect("one part"),
+            _ => Expr::And(parts),
+        })
+    }
+}
+
 impl FileJson {
     fn validate(self) -> Result<PolicySet, PolicyError> {
         if self.egress_pools.len() > MAX_POOLS {
@@ -446,43 +647,34 @@ impl FileJson {
                     )
                 })?),
             };
-            let sel = &policy.selector;
-            let mut protocols = sel.protocols.clone();
-            protocols.sort();
-            protocols.dedup();
-            if !sel.dst_ports.is_empty()
-                && !protocols.is_empty()
-                && !protocols.iter().any(|p| p.has_ports())
-            {
-                return Err(PolicyError::invalid(
-                    format!("{path}.selector.dst_ports"),
-                    format!(
-                        "ports only apply to tcp and udp, but protocols is [{}]",
-                        protocols
-                            .iter()
-                            .map(|p| p.name())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                ));
-            }
+            let matcher = policy.matcher(&path)?;
+            let rules = dnf::normalize(&matcher)
+                .map_err(|e| PolicyError::invalid(path.clone(), e.to_string()))?;
             policies.push(Policy {
                 name: policy.name.clone(),
                 description: policy.description.clone(),
                 enabled: policy.enabled,
-                selector: Selector {
-                    src: sel.src.iter().map(|c| c.0).collect(),
-                    dst: sel.dst.iter().map(|c| c.0).collect(),
-                    protocols,
-                    dst_ports: sel.dst_ports.clone(),
-                },
+                matcher,
+                rules,
                 action: Action {
                     egress,
                     mark: policy.action.mark,
                 },
             });
         }
-
+        let enabled_rules: usize = policies
+            .iter()
+            .filter(|p| p.enabled)
+            .map(|p| p.rules.len())
+            .sum();
+        if enabled_rules > MAX_POLICIES {
+            return Err(PolicyError::invalid(
+                "policies",
+                format!(
+                    "the enabled policies expand to {enabled_rules} classifier rules (one per alternative of an `or` across fields), at most {MAX_POLICIES} are supported"
+                ),
+            ));
+        }
         let nat = match self.nat.port_range {
             None => Nat::default(),
             Some(range) if range.first == 0 => {
@@ -534,19 +726,29 @@ mod tests {
         assert_eq!(set.default_egress.ipv4, Ipv4Addr::new(203, 0, 113, 1));
         assert_eq!(set.policies.len(), 3);
         let p = &set.policies[0];
-        assert_eq!(p.selector.protocols, vec![Protocol::Tcp, Protocol::Udp]);
         assert_eq!(
-            p.selector.dst_ports,
-            vec![
-                PortRange {
-                    first: 443,
-                    last: 443
-                },
-                PortRange {
-                    first: 8000,
-                    last: 8100
-                }
-            ]
+            p.matcher,
+            Expr::And(vec![
+                Expr::Atom(Atom::DstIp(vec!["192.0.2.0/24".parse().unwrap()])),
+                Expr::Atom(Atom::Protocol(vec![Protocol::Tcp, Protocol::Udp])),
+                Expr::Atom(Atom::DstPort(vec![
+                    PortRange {
+                        first: 443,
+                        last: 443
+                    },
+                    PortRange {
+                        first: 8000,
+                        last: 8100
+                    }
+                ])),
+            ]),
+            "the selector's fields are ANDed"
+        );
+        assert_eq!(p.rules.len(), 1, "a selector object is one classifier rule");
+        assert_eq!(
+            set.policies[2].matcher,
+            Expr::True,
+            "an empty selector matches every flow"
         );
         assert_eq!(p.action.egress, Egress::Pool(0));
         assert_eq!(set.policies[1].action.egress, Egress::Bypass);
@@ -581,7 +783,10 @@ mod tests {
     #[test]
     fn parse_bare_address_is_host_prefix() {
         let set = parse(&edited("\"10.0.0.0/8\"", "\"10.1.2.3\"")).unwrap();
-        assert_eq!(set.policies[1].selector.dst[0].to_string(), "10.1.2.3/32");
+        assert_eq!(
+            set.policies[1].matcher,
+            Expr::Atom(Atom::DstIp(vec!["10.1.2.3/32".parse().unwrap()]))
+        );
     }
 
     #[test]
@@ -610,12 +815,21 @@ mod tests {
     #[test]
     fn parse_numeric_port_accepted() {
         let set = parse(&edited("\"443\"", "443")).unwrap();
+        let Expr::And(atoms) = &set.policies[0].matcher else {
+            panic!("the selector is a conjunction");
+        };
         assert_eq!(
-            set.policies[0].selector.dst_ports[0],
-            PortRange {
-                first: 443,
-                last: 443
-            }
+            atoms[2],
+            Expr::Atom(Atom::DstPort(vec![
+                PortRange {
+                    first: 443,
+                    last: 443
+                },
+                PortRange {
+                    first: 8000,
+                    last: 8100
+                }
+            ]))
         );
     }
 

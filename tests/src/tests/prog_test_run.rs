@@ -63,7 +63,7 @@ impl Dp {
     pub fn apply(&mut self, policies: &str) {
         let set = policy::parse(policies).unwrap_or_else(|e| panic!("test policy: {e}"));
         self.tables
-            .apply(&set, &policy::compile(&set))
+            .apply(&set, &policy::compile(&set, &[]))
             .unwrap_or_else(|e| panic!("applying policies: {e}"));
     }
 
@@ -551,7 +551,10 @@ fn first_packet(flow: &policy::eval::Flow, sport: u16) -> Vec<u8> {
 
 #[test]
 fn classify_random_policy_sets_kernel_agrees_with_reference() {
-    use egress_agent::policy::testing;
+    use std::{collections::HashMap, net::IpAddr};
+
+    use egress_agent::policy::{eval::Context, geo, testing};
+    use ipnet::IpNet;
     use proptest::{
         strategy::{Strategy as _, ValueTree as _},
         test_runner::{Config, RngAlgorithm, TestRng, TestRunner},
@@ -564,37 +567,60 @@ fn classify_random_policy_sets_kernel_agrees_with_reference() {
     );
     let mut sport = 1024u16;
     let mut checked = 0;
-    for round in 0..40 {
-        // Alternate small and large sets; every set is a reload of the same maps.
-        let max = if round % 4 == 3 { 4096 } else { 48 };
-        let set = testing::policy_set(max)
+    for round in 0..80 {
+        // Mostly small sets, some large; every set is a reload of the same maps.
+        let max = if round % 8 == 7 { 4096 } else { 48 };
+        let case = testing::case(max, 100)
             .new_tree(&mut runner)
             .unwrap()
             .current();
         dp.tables
-            .apply(&set, &policy::compile(&set))
+            .apply(&case.set, &policy::compile(&case.set, &case.identities))
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
-        let flows = testing::flows(&set, 100)
-            .new_tree(&mut runner)
-            .unwrap()
-            .current();
-        for flow in flows {
-            // Only flows the dataplane tracks whatever the action: TCP, UDP,
-            // ICMP echo, from a non-gateway source.
-            if ![proto::TCP, proto::UDP, proto::ICMP].contains(&flow.proto)
-                || flow.src == std::net::IpAddr::V4(GW_UPLINK)
+        // Identities by source and countries by destination, as the maps
+        // hold them: the first probe naming an address decides.
+        let mut identity_of: HashMap<IpAddr, u32> = HashMap::new();
+        let mut country_of: HashMap<IpAddr, u16> = HashMap::new();
+        for probe in &case.probes {
+            if let Some(id) = probe.identity {
+                identity_of.entry(probe.flow.src).or_insert(id);
+            }
+            if let Some(c) = probe.country {
+                country_of.entry(probe.flow.dst).or_insert(c);
+            }
+        }
+        let host = |a: &IpAddr| IpNet::from(*a);
+        let ids: Vec<(IpNet, u32)> = identity_of.iter().map(|(a, id)| (host(a), *id)).collect();
+        let geo_entries: Vec<(IpNet, u16)> =
+            country_of.iter().map(|(a, c)| (host(a), *c)).collect();
+        tables::set_identity_addrs(dp.dataplane.ebpf_mut(), &ids).unwrap();
+        tables::set_countries(dp.dataplane.ebpf_mut(), &geo_entries).unwrap();
+
+        for probe in &case.probes {
+            let flow = probe.flow;
+            // Only flows the dataplane tracks whatever the action: IPv4 TCP,
+            // UDP, ICMP echo, from a non-gateway source.
+            if !flow.src.is_ipv4()
+                || ![proto::TCP, proto::UDP, proto::ICMP].contains(&flow.proto)
+                || flow.src == IpAddr::V4(GW_UPLINK)
             {
                 continue;
             }
             sport = sport.wrapping_add(1).max(1024);
-            let input = first_packet(&flow, sport);
-            let (verdict, _) = dp.egress(&input);
-            let expected = set.first_match(&flow).map_or(NO_MATCH, |i| i as u32);
-            let std::net::IpAddr::V4(src) = flow.src else {
-                unreachable!()
+            let (verdict, _) = dp.egress(&first_packet(&flow, sport));
+            let ctx = Context {
+                flow,
+                identity: identity_of
+                    .get(&flow.src)
+                    .map(|&id| &case.identities[id as usize - 1]),
+                country: country_of
+                    .get(&flow.dst)
+                    .and_then(|&c| geo::by_id(c))
+                    .map(|(c, _)| c),
             };
-            let std::net::IpAddr::V4(dst) = flow.dst else {
-                unreachable!()
+            let expected = case.set.first_match(&ctx).map_or(NO_MATCH, |i| i as u32);
+            let (IpAddr::V4(src), IpAddr::V4(dst)) = (flow.src, flow.dst) else {
+                unreachable!("IPv4 checked above")
             };
             let dport = if flow.proto == proto::ICMP {
                 0
@@ -609,13 +635,13 @@ fn classify_random_policy_sets_kernel_agrees_with_reference() {
             assert_eq!(
                 u32::from(entry.policy),
                 expected,
-                "round {round}: the kernel must pick the reference's policy for {flow:?}"
+                "round {round}: the kernel must pick the reference's policy for {ctx:?}"
             );
             checked += 1;
         }
     }
     assert!(
-        checked > 500,
+        checked > 1000,
         "the sample must be substantial, checked {checked}"
     );
 }

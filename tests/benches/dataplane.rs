@@ -1,0 +1,255 @@
+//! Per-packet cost of the dataplane via BPF_PROG_TEST_RUN (run by
+//! `cargo xtask bench`, as root). Prints one markdown table.
+//!
+//! BPF_PROG_TEST_RUN runs the program `repeat` times on the same buffer, so a
+//! translated packet would no longer be the packet that was measured. Two
+//! policies make every repetition alike: flows from the client C leave from
+//! X, flows from X leave from C. The packet alternates between C and X,
+//! taking the same path each time.
+//!
+//! The established-flow figures repeat packets of flows already in the
+//! tables. A new-flow figure needs the slow path on every repetition: those
+//! dataplanes are loaded with the load-time constant `BENCH_MODE` = 2 (each
+//! flow is recorded and then removed again: classification, port claim,
+//! both inserts, the rewrite, plus the two removals) or = 1 (classification
+//! and rewrite only, no table writes).
+
+#[path = "../src/tests/packet.rs"]
+#[expect(
+    dead_code,
+    reason = "the benchmark uses a subset of the test packet builders"
+)]
+mod packet;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use egress_agent::{
+    loader::{Dataplane, LoadOptions},
+    policy::{self, model::Identity},
+    tables::{self, Tables},
+};
+use egress_common::maps;
+
+/// The client, and the address its flows are translated to (and back).
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 2);
+const SWAP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 200);
+const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+
+struct Bench {
+    dataplane: Dataplane,
+    tables: Tables,
+}
+
+impl Bench {
+    fn new(bench_mode: u8) -> Self {
+        let mut dataplane = Dataplane::load(&LoadOptions {
+            bench_mode,
+            ..LoadOptions::default()
+        })
+        .unwrap_or_else(|e| panic!("loading the dataplane: {e}"));
+        tables::set_local_addrs(dataplane.ebpf_mut(), &[Ipv4Addr::new(203, 0, 113, 1)]).unwrap();
+        let tables = Tables::new(dataplane.ebpf_mut()).unwrap();
+        Self { dataplane, tables }
+    }
+
+    fn apply(&mut self, json: &str, identities: &[Identity]) {
+        let set = policy::parse(json).unwrap_or_else(|e| panic!("bench policy: {e}"));
+        self.tables
+            .apply(&set, &policy::compile(&set, identities))
+            .unwrap_or_else(|e| panic!("applying: {e}"));
+    }
+
+    /// Nanoseconds per run of `program` over `repeat` repetitions of `input`.
+    fn ns(&mut self, program: &'static str, input: &[u8], repeat: u32) -> f64 {
+        let mut out = vec![0u8; input.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::default()
+        };
+        let result = self
+            .dataplane
+            .program(program)
+            .unwrap()
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN: {e}"));
+        if result.return_value != 0 {
+            let counters = egress_agent::counters::read(self.dataplane.ebpf_mut()).unwrap();
+            panic!(
+                "the benchmarked packet must pass (TC_ACT_OK), got verdict {}; counters: {counters:?}",
+                result.return_value
+            );
+        }
+        // The kernel reports the mean duration per repetition.
+        result.duration.as_nanos() as f64
+    }
+}
+
+/// A policy set of `n` policies shaped like real ones: destination prefixes
+/// of partners, protocols and ports, some for groups, a catch-all last.
+fn policies(n: usize) -> String {
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n.saturating_sub(3) {
+        let r = next();
+        // Destinations inside 198.18.0.0/15 (the benchmarking range).
+        let dst: Vec<String> = (0..1 + r % 3)
+            .map(|_| {
+                let v = next();
+                let len = [16, 20, 24, 28][(v % 4) as usize];
+                let addr = u32::from(Ipv4Addr::new(198, 18, 0, 0)) | ((v >> 8) as u32 & 0x1ffff);
+                let net = ipnet::Ipv4Net::new(Ipv4Addr::from(addr), len)
+                    .unwrap()
+                    .trunc();
+                format!("\"{net}\"")
+            })
+            .collect();
+        let port = 1 + (r >> 20) % 60000;
+        let group = if r % 5 == 0 {
+            format!(", \"groups\": [\"team-{}\"]", r % 40)
+        } else {
+            String::new()
+        };
+        out.push(format!(
+            r#"{{ "name": "p{i}", "selector": {{ "dst": [{}], "protocols": ["tcp", "udp"], "dst_ports": ["{port}", "{}-{}"]{group} }}, "action": {{ "egress": "pool{}" }} }}"#,
+            dst.join(", "),
+            port + 10,
+            port + 100,
+            i % 4
+        ));
+    }
+    // The pair that makes repetitions alike (see the module comment), last
+    // before the catch-all so classification has to reach the end.
+    out.push(format!(r#"{{ "name": "bench-c", "selector": {{ "src": ["{CLIENT}"] }}, "action": {{ "egress": "to-x" }} }}"#));
+    out.push(format!(r#"{{ "name": "bench-x", "selector": {{ "src": ["{SWAP}"] }}, "action": {{ "egress": "to-c" }} }}"#));
+    out.push(
+        r#"{ "name": "catch-all", "selector": {}, "action": { "egress": "default" } }"#.to_owned(),
+    );
+    format!(
+        r#"{{ "egress_pools": {{ "pool0": {{ "ipv4": ["203.0.113.10"] }}, "pool1": {{ "ipv4": ["203.0.113.11"] }},
+             "pool2": {{ "ipv4": ["203.0.113.12"] }}, "pool3": {{ "ipv4": ["203.0.113.13"] }},
+             "to-x": {{ "ipv4": ["{SWAP}"] }}, "to-c": {{ "ipv4": ["{CLIENT}"] }} }},
+           "default_egress": {{ "ipv4": "203.0.113.1" }},
+           "policies": [{}] }}"#,
+        out.join(",\n")
+    )
+}
+
+struct Row {
+    what: String,
+    runs: Vec<f64>,
+}
+
+impl Row {
+    fn median(&self) -> f64 {
+        let mut v = self.runs.clone();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    }
+}
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("the dataplane benchmark loads BPF programs: run it as root (cargo xtask bench)");
+        std::process::exit(1);
+    }
+    let repeat: u32 = std::env::var("EGRESS_BENCH_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let runs: usize = std::env::var("EGRESS_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let client = SocketAddrV4::new(CLIENT, 40000);
+    let swapped = SocketAddrV4::new(SWAP, 40000);
+    let server = SocketAddrV4::new(SERVER, 443);
+    let mut rows: Vec<Row> = Vec::new();
+    let mut measure = |what: String, bench: &mut Bench, program: &'static str, input: &[u8]| {
+        let runs: Vec<f64> = (0..runs)
+            .map(|_| bench.ns(program, input, repeat))
+            .collect();
+        rows.push(Row { what, runs });
+    };
+
+    // Established flows: C -> S leaves as X; X -> S leaves as C. One packet
+    // of each direction creates the four entries the repetitions then hit.
+    {
+        let mut bench = Bench::new(0);
+        bench.apply(&policies(256), &[]);
+        let out = packet::tcp(client, server, false, &[0u8; 64]);
+        bench.ns(maps::PROG_EGRESS, &out, 1);
+        bench.ns(
+            maps::PROG_EGRESS,
+            &packet::tcp(swapped, server, false, &[0u8; 64]),
+            1,
+        );
+        measure(
+            "established flow, egress (IPv4 TCP)".into(),
+            &mut bench,
+            maps::PROG_EGRESS,
+            &out,
+        );
+        let reply = packet::tcp(server, swapped, false, &[0u8; 64]);
+        measure(
+            "established flow, reply on ingress (IPv4 TCP)".into(),
+            &mut bench,
+            maps::PROG_INGRESS,
+            &reply,
+        );
+        let stray = packet::tcp(
+            server,
+            SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 1), 22),
+            false,
+            &[0u8; 64],
+        );
+        measure(
+            "ingress packet of no translated flow (passed)".into(),
+            &mut bench,
+            maps::PROG_INGRESS,
+            &stray,
+        );
+    }
+
+    // New flows at growing policy counts, taken by a rule at the end of the list.
+    for mode in [2u8, 1] {
+        for n in [10usize, 256, 4096] {
+            let mut bench = Bench::new(mode);
+            bench.apply(&policies(n), &[]);
+            let syn = packet::tcp(client, server, true, &[0u8; 64]);
+            let what = if mode == 2 {
+                format!("new flow: classify, claim, insert, rewrite ({n} policies)")
+            } else {
+                format!("new flow: classify and rewrite only ({n} policies)")
+            };
+            measure(what, &mut bench, maps::PROG_EGRESS, &syn);
+        }
+    }
+
+    println!("| path | median ns/packet | min | max |");
+    println!("|---|---:|---:|---:|");
+    for row in &rows {
+        let min = row.runs.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = row.runs.iter().copied().fold(0.0, f64::max);
+        println!(
+            "| {} | {:.0} | {:.0} | {:.0} |",
+            row.what,
+            row.median(),
+            min,
+            max
+        );
+    }
+    println!();
+    println!(
+        "BPF_PROG_TEST_RUN, {repeat} repetitions per run, {runs} runs per row; the kernel reports the mean per repetition of each run."
+    );
+}
