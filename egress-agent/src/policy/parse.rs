@@ -997,4 +997,166 @@ mod tests {
             "policies: 4097 policies, at most 4096 are supported"
         );
     }
+
+    fn one_policy(policy: &str) -> String {
+        format!(
+            r#"{{ "egress_pools": {{ "pt": {{ "ipv4": ["203.0.113.10"] }} }},
+                 "default_egress": {{ "ipv4": "203.0.113.1" }},
+                 "policies": [ {policy} ] }}"#
+        )
+    }
+
+    #[test]
+    fn parse_expressions_anded_with_selector() {
+        let set = parse(&one_policy(
+            r#"{ "name": "f", "selector": { "protocols": ["tcp"] },
+                 "traffic": "net.dst.ip in {192.0.2.0/24}",
+                 "identity": "any(identity.groups[*].name in {\"finance\"})",
+                 "device_posture": "any(device_posture.checks.passed[*] in {\"compliant\"})",
+                 "action": { "egress": "pt" } }"#,
+        ))
+        .unwrap();
+        let p = &set.policies[0];
+        assert_eq!(
+            p.matcher,
+            Expr::And(vec![
+                Expr::Atom(Atom::Protocol(vec![Protocol::Tcp])),
+                Expr::Atom(Atom::DstIp(vec!["192.0.2.0/24".parse().unwrap()])),
+                Expr::Atom(Atom::Group(vec!["finance".into()])),
+                Expr::Atom(Atom::Posture(vec!["compliant".into()])),
+            ]),
+            "selector and the three expressions are ANDed, in that order"
+        );
+        assert!(p.requires_identity(), "a group condition needs an identity");
+        assert_eq!(p.rules.len(), 1);
+    }
+
+    #[test]
+    fn parse_expression_error_names_field_line_and_column() {
+        let err = error(&one_policy(
+            r#"{ "name": "f", "traffic": "net.dst.ip in {192.0.2.0/24} and\nnet.dst.prot == 443", "action": { "egress": "pt" } }"#,
+        ));
+        assert!(err.starts_with("policies[0].traffic: 2:1: "), "{err}");
+        assert!(
+            err.contains("net.dst.prot"),
+            "the unknown field is named: {err}"
+        );
+    }
+
+    #[test]
+    fn parse_expression_field_of_other_kind_rejected() {
+        let err = error(&one_policy(
+            r#"{ "name": "f", "traffic": "identity.email == \"a@example.com\"", "action": { "egress": "pt" } }"#,
+        ));
+        assert!(err.starts_with("policies[0].traffic: 1:1: "), "{err}");
+        assert!(
+            err.contains("\"identity\""),
+            "says where the field belongs: {err}"
+        );
+    }
+
+    #[test]
+    fn parse_cross_dimension_or_becomes_alternatives() {
+        let set = parse(&one_policy(
+            r#"{ "name": "f", "traffic": "net.protocol == \"udp\" or net.src.ip in {10.1.0.0/16}", "action": { "egress": "pt" } }"#,
+        ))
+        .unwrap();
+        assert_eq!(set.policies[0].rules.len(), 2, "one rule per alternative");
+    }
+
+    #[test]
+    fn parse_too_many_alternatives_rejected_with_path() {
+        let alternatives: Vec<String> = (0..7)
+            .map(|i| format!("(net.dst.ip in {{10.{i}.0.0/16}} or net.protocol == \\\"tcp\\\")"))
+            .collect();
+        let err = error(&one_policy(&format!(
+            r#"{{ "name": "f", "traffic": "{}", "action": {{ "egress": "pt" }} }}"#,
+            alternatives.join(" and ")
+        )));
+        assert!(
+            err.starts_with("policies[0]: the condition expands to more than 64 alternatives"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn parse_selector_identity_and_geo_fields() {
+        let set = parse(&one_policy(
+            r#"{ "name": "f", "selector": {
+                   "src": ["10.0.0.0/8"], "not_src": ["10.9.0.0/16"], "not_dst": ["192.0.2.0/24"],
+                   "users": ["Alice@Example.com"], "groups": ["finance"], "posture": ["compliant"],
+                   "dst_countries": ["pt", "IN"], "dst_continents": ["eu"] },
+                 "action": { "egress": "pt" } }"#,
+        ))
+        .unwrap();
+        let Expr::And(atoms) = &set.policies[0].matcher else {
+            panic!("a selector is a conjunction");
+        };
+        let not = |a: Atom| Expr::Not(Box::new(Expr::Atom(a)));
+        assert_eq!(
+            atoms,
+            &vec![
+                Expr::Atom(Atom::SrcIp(vec!["10.0.0.0/8".parse().unwrap()])),
+                not(Atom::SrcIp(vec!["10.9.0.0/16".parse().unwrap()])),
+                not(Atom::DstIp(vec!["192.0.2.0/24".parse().unwrap()])),
+                Expr::Atom(Atom::User(vec!["alice@example.com".into()])),
+                Expr::Atom(Atom::Group(vec!["finance".into()])),
+                Expr::Atom(Atom::Posture(vec!["compliant".into()])),
+                Expr::Atom(Atom::Country(vec![
+                    CountryCode(*b"PT"),
+                    CountryCode(*b"IN")
+                ])),
+                Expr::Atom(Atom::Continent(vec![Continent::Eu])),
+            ],
+            "every selector field becomes its condition, exclusions negated, users lower-cased"
+        );
+    }
+
+    #[test]
+    fn parse_unknown_country_and_continent_named() {
+        let err = error(&one_policy(
+            r#"{ "name": "f", "selector": { "dst_countries": ["PT", "UK"] }, "action": { "egress": "pt" } }"#,
+        ));
+        assert!(
+            err.starts_with("policies[0].selector.dst_countries[1]: unknown country code \"UK\": expected an ISO 3166-1 alpha-2 code (the United Kingdom is \"GB\")"),
+            "{err}"
+        );
+        let err = error(&one_policy(
+            r#"{ "name": "f", "selector": { "dst_continents": ["EUR"] }, "action": { "egress": "pt" } }"#,
+        ));
+        assert!(
+            err.starts_with("policies[0].selector.dst_continents[0]: unknown continent \"EUR\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn parse_policy_without_condition_rejected() {
+        let err = error(&one_policy(
+            r#"{ "name": "f", "action": { "egress": "pt" } }"#,
+        ));
+        assert!(
+            err.starts_with("policies[0]: a policy needs a \"selector\" or an expression"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn parse_rule_budget_counts_alternatives_of_enabled_policies() {
+        let one = r#"{ "name": "pN", "traffic": "net.protocol == \"udp\" or net.src.ip in {10.1.0.0/16}", "action": { "egress": "pt" } }"#;
+        let policies: Vec<String> = (0..2049)
+            .map(|i| one.replace("pN", &format!("p{i}")))
+            .collect();
+        let err = error(&one_policy(&policies.join(",")));
+        assert_eq!(
+            err,
+            "policies: the enabled policies expand to 4098 classifier rules (one per alternative of an `or` across fields), at most 4096 are supported"
+        );
+        let disabled = policies[0].replacen("\"name\"", "\"enabled\": false, \"name\"", 1);
+        let within = [vec![disabled], policies[1..].to_vec()].concat();
+        assert!(
+            parse(&one_policy(&within.join(","))).is_ok(),
+            "disabled policies use no rules"
+        );
+    }
 }

@@ -238,3 +238,132 @@ fn steer_bad_policy_file_exits_with_path_and_attaches_nothing() {
     assert_eq!(tcx_programs(&lab.gw, UPLINK), 0, "nothing may be attached");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Two policy sets that agree on everything except a pair of flows, chosen
+/// so that mixing them would misroute a third kind of flow: set A sends
+/// 10.10.0.2 -> 192.0.2.10 to the dedicated pool, set B sends
+/// 10.10.0.3 -> 198.51.100.10 there. In both, 10.10.0.2 -> 198.51.100.10
+/// and 10.10.0.3 -> 192.0.2.10 leave from the default; a packet classified
+/// with A's source table and B's destination table (or the reverse) would
+/// pick the dedicated pool instead.
+fn swap_set(src: Ipv4Addr, dst: Ipv4Addr) -> String {
+    format!(
+        r#"{{ "egress_pools": {{ "p": {{ "ipv4": ["203.0.113.10"] }} }},
+             "default_egress": {{ "ipv4": "203.0.113.1" }},
+             "policies": [
+               {{ "name": "pair", "selector": {{ "src": ["{src}"], "dst": ["{dst}"] }}, "action": {{ "egress": "p" }} }},
+               {{ "name": "catch-all", "selector": {{}}, "action": {{ "egress": "default" }} }} ] }}"#
+    )
+}
+
+#[test]
+fn reload_swapping_sets_under_traffic_never_mixes_tables() {
+    use std::{
+        sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        },
+        time::{Duration, Instant},
+    };
+
+    require_root();
+    let lab = Lab::new(1).unwrap();
+    let _servers = Servers::start(&lab.inet, &SERVERS, &[443]).unwrap();
+    let dir = std::env::temp_dir().join(format!("egress-swap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("policies.json");
+    let set_a = swap_set(Lab::client_addr(0), SERVER_PARTNER);
+    let set_b = swap_set(Lab::client_addr(1), SERVER_PUBLIC);
+    std::fs::write(&config, &set_a).unwrap();
+    let agent = Agent::start(
+        &lab.gw,
+        "agent",
+        &[
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--uplink",
+            UPLINK,
+        ],
+    )
+    .unwrap();
+    agent.wait_ready().unwrap();
+
+    // Continuous new flows of the two kinds a mix would misroute.
+    let stop = Arc::new(AtomicBool::new(false));
+    let lab = Arc::new(lab);
+    let senders: Vec<_> = [(0u8, SERVER_PUBLIC), (1, SERVER_PARTNER)]
+        .into_iter()
+        .map(|(client, server)| {
+            let (lab, stop) = (Arc::clone(&lab), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let from = SocketAddrV4::new(Lab::client_addr(client), 0);
+                    match probe::udp(
+                        &lab.client,
+                        Some(from),
+                        sa(server, 443),
+                        probe::token("swap"),
+                    ) {
+                        Ok(s) => seen.push(s),
+                        Err(e) => panic!("flow from {from} to {server} failed: {e:#}"),
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+
+    // Swap the sets back and forth while the flows run.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let mut reloads = 0;
+    while Instant::now() < deadline {
+        let next = if reloads % 2 == 0 { &set_b } else { &set_a };
+        let tmp = dir.join("next.json");
+        std::fs::write(&tmp, next).unwrap();
+        std::fs::rename(&tmp, &config).unwrap();
+        agent.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+        reloads += 1;
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let seen: Vec<probe::Seen> = senders
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+
+    agent
+        .wait_for(
+            &format!("generation {}", reloads % 2),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    let applied = agent
+        .lines()
+        .iter()
+        .filter(|l| l.contains("reloaded"))
+        .count();
+    assert!(
+        applied >= reloads / 2,
+        "the agent must have applied the reloads ({applied} of {reloads})"
+    );
+    assert!(
+        seen.len() >= 200,
+        "enough flows must have crossed the swaps, got {}",
+        seen.len()
+    );
+    let misrouted: Vec<_> = seen.iter().filter(|s| *s.src.ip() != GW_UPLINK).collect();
+    assert!(
+        misrouted.is_empty(),
+        "every flow must leave from the default egress in both sets; {} of {} did not (a mixed classification): {:?}",
+        misrouted.len(),
+        seen.len(),
+        &misrouted[..misrouted.len().min(5)]
+    );
+    assert!(
+        seen.iter().all(|s| s.intact),
+        "every answer must come back intact"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
