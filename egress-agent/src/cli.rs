@@ -81,9 +81,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "IFACE")]
     pub uplink: String,
 
-    /// Flows the connection tables hold (each direction).
-    #[arg(long, value_name = "N", default_value_t = egress_common::maps::DEFAULT_MAX_FLOWS)]
-    pub max_flows: u32,
+    /// Flows the connection tables hold (each direction); overrides the
+    /// policy file's nat.max_flows.
+    #[arg(long, value_name = "N")]
+    pub max_flows: Option<u32>,
 
     /// Classifier classes per policy generation (each takes 520 bytes).
     #[arg(long, value_name = "N", default_value_t = egress_common::maps::DEFAULT_CLASSES_PER_GEN)]
@@ -96,6 +97,12 @@ pub struct RunArgs {
     /// How to attach the TC programs.
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     pub attach: AttachMode,
+
+    /// On reload, also re-evaluate established flows and end those the new
+    /// policies would send out of another address (by default established
+    /// flows keep their translation unless their address was removed).
+    #[arg(long)]
+    pub reclassify_on_reload: bool,
 }
 
 #[derive(Args, Debug)]

@@ -4,7 +4,9 @@
 
 pub mod cli;
 pub mod cmd;
+pub mod conntrack;
 pub mod counters;
+pub mod health;
 pub mod loader;
 pub mod local;
 pub mod policy;

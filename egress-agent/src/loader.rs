@@ -124,6 +124,8 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::CT4, opts.max_flows)
             .map_max_entries(maps::NAT4, opts.max_flows)
+            .map_max_entries(maps::CT6, opts.max_flows)
+            .map_max_entries(maps::NAT6, opts.max_flows)
             .map_max_entries(maps::CLASSES, GENERATIONS * opts.classes_per_gen)
             .map_max_entries(maps::SRC4, opts.max_prefixes)
             .map_max_entries(maps::DST4, opts.max_prefixes)

@@ -9,6 +9,7 @@
 use std::{
     collections::{HashMap, HashSet},
     hash::Hash,
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
@@ -21,11 +22,11 @@ use aya::{
 use egress_common::{
     classify::{
         ACTION_F_MARK, ACTIONS_PER_GEN, Action, COUNTRY_SLOTS, ClassRow, GEN_PREFIX_BITS,
-        GENERATIONS, GenPrefix4, GenPrefix6, MAX_POOLS, NO_MATCH, PORT_SLOTS_PER_GEN, Pool,
-        Settings, action_slot, country_slot, identity_slot, pool_slot,
+        GENERATIONS, GenPrefix4, GenPrefix6, IdentityRef, MAX_POOLS, NO_MATCH, PORT_SLOTS_PER_GEN,
+        Pool, Settings, action_slot, country_slot, identity_slot, pool_slot,
     },
     maps,
-    stats::{DEFAULT_STATS_SLOT, POLICY_STAT_SLOTS, PolicyStats},
+    stats::{ADDR_STAT_SLOTS, AddrStats, DEFAULT_STATS_SLOT, POLICY_STAT_SLOTS, PolicyStats},
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -71,6 +72,10 @@ pub enum TablesError {
         "{needed} identities are known but the dataplane holds {capacity} (start the agent with a larger --max-identities)"
     )]
     TooManyIdentities { needed: usize, capacity: u32 },
+    #[error(
+        "more than {capacity} distinct egress addresses have been used; restart the agent to reclaim their counter slots"
+    )]
+    TooManyAddresses { capacity: u32 },
     #[error("{map} holds {capacity} prefixes, {needed} were given")]
     TableFull {
         map: &'static str,
@@ -224,6 +229,12 @@ pub struct Tables {
     settings: Array<MapData, Settings>,
     generation: Array<MapData, u32>,
     policy_stats: PerCpuArray<MapData, PolicyStats>,
+    addr_stats: PerCpuArray<MapData, AddrStats>,
+    /// Counter slot per egress address (an IPv4 address or an IPv6 range,
+    /// as text), stable across reloads; slot 0 counts untranslated flows.
+    addr_slots: HashMap<String, u16>,
+    /// Dedicated IPv4 addresses health checks found down.
+    down: HashSet<std::net::Ipv4Addr>,
     classes_per_gen: u32,
     identity_slots: u32,
     prefix_capacity: u32,
@@ -265,6 +276,9 @@ impl Tables {
             settings: take(ebpf, maps::SETTINGS, Array::try_from)?,
             generation: take(ebpf, maps::GEN, Array::try_from)?,
             policy_stats: take(ebpf, maps::POLICY_STATS, PerCpuArray::try_from)?,
+            addr_stats: take(ebpf, maps::ADDR_STATS, PerCpuArray::try_from)?,
+            addr_slots: HashMap::new(),
+            down: HashSet::new(),
             shadow: Default::default(),
             active: None,
             slots: HashMap::new(),
@@ -486,11 +500,13 @@ impl Tables {
             report.writes += 1;
         }
         debug_assert!(compiled.pools.len() <= MAX_POOLS as usize);
+        let pools = self.pools_with_slots(set, &compiled.pools)?;
+        let shadow = &mut self.shadow[generation as usize];
         report.writes += sync_array(
             &mut self.pools,
             maps::POOLS,
             pool_slot(generation, 0),
-            &compiled.pools,
+            &pools,
             &mut shadow.pools,
         )?;
         let settings = Settings {
@@ -523,6 +539,94 @@ impl Tables {
         Ok(report)
     }
 
+    /// The slot counting `label` (an address or range), assigned on first use.
+    fn addr_slot(&mut self, label: String) -> Result<u16, TablesError> {
+        if let Some(&slot) = self.addr_slots.get(&label) {
+            return Ok(slot);
+        }
+        let used: HashSet<u16> = self.addr_slots.values().copied().collect();
+        // Slots are never reused: a long-gone address keeps its counters.
+        let slot = (1..ADDR_STAT_SLOTS as u16)
+            .find(|s| !used.contains(s))
+            .ok_or(TablesError::TooManyAddresses {
+                capacity: ADDR_STAT_SLOTS - 1,
+            })?;
+        self.addr_slots.insert(label, slot);
+        Ok(slot)
+    }
+
+    /// Mark dedicated addresses down (health checks), in both generations
+    /// at once: new flows of their pools move to the next usable address.
+    /// Returns the pool entries rewritten.
+    pub fn set_down(&mut self, down: &[std::net::Ipv4Addr]) -> Result<usize, TablesError> {
+        self.down = down.iter().copied().collect();
+        let mut writes = 0;
+        for generation in 0..GENERATIONS {
+            let held = &mut self.shadow[generation as usize].pools;
+            for (i, pool) in held.iter_mut().enumerate() {
+                let up = up_bits(pool, &self.down);
+                if pool.v4_up != up {
+                    pool.v4_up = up;
+                    self.pools
+                        .set(pool_slot(generation, i as u32), *pool, 0)
+                        .map_err(write_err(maps::POOLS))?;
+                    writes += 1;
+                }
+            }
+        }
+        Ok(writes)
+    }
+
+    /// The compiled pools with their addresses' counter slots and health
+    /// filled in.
+    fn pools_with_slots(
+        &mut self,
+        set: &PolicySet,
+        compiled: &[Pool],
+    ) -> Result<Vec<Pool>, TablesError> {
+        let mut out = compiled.to_vec();
+        let default_v4 = [set.default_egress.ipv4];
+        let default_v6 = set.default_egress.ipv6.map(|a| IpAddr::V6(a).to_string());
+        let sources = std::iter::once((&default_v4[..], default_v6)).chain(
+            set.pools
+                .iter()
+                .map(|p| (&p.ipv4[..], p.ipv6.map(|n| n.to_string()))),
+        );
+        for (pool, (v4, v6)) in out.iter_mut().zip(sources) {
+            for (i, addr) in v4.iter().enumerate().take(pool.v4_slot.len()) {
+                pool.v4_slot[i] = self.addr_slot(addr.to_string())?;
+            }
+            if let Some(range) = v6 {
+                pool.v6_slot = self.addr_slot(range)?;
+            }
+            pool.v4_up = up_bits(pool, &self.down);
+        }
+        Ok(out)
+    }
+
+    /// Egress addresses (and IPv6 ranges) with their counters, summed over CPUs.
+    pub fn addr_stats(&self) -> Result<Vec<(String, AddrStats)>, TablesError> {
+        let mut out = Vec::with_capacity(self.addr_slots.len());
+        for (label, slot) in &self.addr_slots {
+            let values = self
+                .addr_stats
+                .get(&u32::from(*slot), 0)
+                .map_err(write_err(maps::ADDR_STATS))?;
+            let sum = values.iter().fold(AddrStats::default(), |mut a, v| {
+                a.flows += v.flows;
+                a.exhausted += v.exhausted;
+                a.packets_out += v.packets_out;
+                a.bytes_out += v.bytes_out;
+                a.packets_in += v.packets_in;
+                a.bytes_in += v.bytes_in;
+                a
+            });
+            out.push((label.clone(), sum));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
     /// Per-policy counters summed over CPUs.
     pub fn policy_stats(&self, slot: u32) -> Result<PolicyStats, TablesError> {
         let values = self
@@ -538,6 +642,13 @@ impl Tables {
             sum
         }))
     }
+}
+
+/// A pool's usable-address bits given the addresses that are down.
+fn up_bits(pool: &Pool, down: &HashSet<std::net::Ipv4Addr>) -> u32 {
+    (0..usize::from(pool.v4_count))
+        .filter(|&i| !down.contains(&std::net::Ipv4Addr::from(u32::from_be(pool.v4[i]))))
+        .fold(0, |bits, i| bits | 1 << i)
 }
 
 fn action(spec: &ActionSpec, stats_slot: u32, policy: u32) -> Action {
@@ -564,40 +675,69 @@ fn hash_map<'a, K: Pod, V: Pod>(
 }
 
 /// Addresses of the gateway itself, whose own flows are never steered.
-pub fn set_local_addrs(ebpf: &mut Ebpf, addrs: &[std::net::Ipv4Addr]) -> Result<(), TablesError> {
-    let mut local = hash_map::<u32, u32>(ebpf, maps::LOCAL4)?;
-    let wanted: Vec<u32> = addrs.iter().map(|a| u32::from(*a).to_be()).collect();
-    // Add before removing, so an address present in both lists is never
-    // briefly missing.
-    for key in &wanted {
-        local.insert(key, 1, 0).map_err(write_err(maps::LOCAL4))?;
-    }
-    let stale: Vec<u32> = local
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| !wanted.contains(k))
-        .collect();
-    for key in stale {
-        local.remove(&key).map_err(write_err(maps::LOCAL4))?;
-    }
-    Ok(())
-}
-
-/// Replace the contents of a policy-independent prefix -> id trie pair
-/// (identities by source, countries by destination). New entries first,
-/// then stale ones removed, so no covered address is ever briefly unknown.
-fn replace_prefix_ids(
-    ebpf: &mut Ebpf,
-    names: (&'static str, &'static str),
-    entries: &[(IpNet, u32)],
-) -> Result<(), TablesError> {
-    fn sync<K: Pod + Eq + Hash>(
+pub fn set_local_addrs(ebpf: &mut Ebpf, addrs: &[IpAddr]) -> Result<(), TablesError> {
+    fn sync<K: Pod + PartialEq>(
         ebpf: &mut Ebpf,
         name: &'static str,
-        wanted: HashMap<K, (u32, u32)>,
+        wanted: &[K],
+    ) -> Result<(), TablesError> {
+        let mut local = hash_map::<K, u32>(ebpf, name)?;
+        // Add before removing, so an address present in both lists is never
+        // briefly missing.
+        for key in wanted {
+            local.insert(key, 1, 0).map_err(write_err(name))?;
+        }
+        let stale: Vec<K> = local
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for key in stale {
+            local.remove(&key).map_err(write_err(name))?;
+        }
+        Ok(())
+    }
+    let v4: Vec<u32> = addrs
+        .iter()
+        .filter_map(|a| match a {
+            IpAddr::V4(a) => Some(u32::from(*a).to_be()),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    let v6: Vec<[u32; 4]> = addrs
+        .iter()
+        .filter_map(|a| match a {
+            IpAddr::V6(a) => Some(addr6_words(a)),
+            IpAddr::V4(_) => None,
+        })
+        .collect();
+    sync(ebpf, maps::LOCAL4, &v4)?;
+    sync(ebpf, maps::LOCAL6, &v6)
+}
+
+/// An IPv6 address as the dataplane stores it: four network-order words.
+pub fn addr6_words(addr: &std::net::Ipv6Addr) -> [u32; 4] {
+    let o = addr.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
+}
+
+/// Replace the contents of a policy-independent trie pair (identities by
+/// source, countries by destination). New entries first, then stale ones
+/// removed, so no covered address is ever briefly unknown.
+fn replace_prefixes<V: Pod + PartialEq>(
+    ebpf: &mut Ebpf,
+    names: (&'static str, &'static str),
+    entries: &[(IpNet, V)],
+) -> Result<(), TablesError> {
+    fn sync<K: Pod + Eq + Hash, V: Pod>(
+        ebpf: &mut Ebpf,
+        name: &'static str,
+        wanted: HashMap<K, (u32, V)>,
     ) -> Result<(), TablesError> {
         let map = ebpf.map_mut(name).ok_or(TablesError::MissingMap { name })?;
-        let mut trie: LpmTrie<&mut MapData, K, u32> =
+        let mut trie: LpmTrie<&mut MapData, K, V> =
             LpmTrie::try_from(map).map_err(|source| TablesError::MapType { name, source })?;
         let cap = capacity(trie.map(), name)?;
         if wanted.len() > cap as usize {
@@ -607,8 +747,8 @@ fn replace_prefix_ids(
                 capacity: cap,
             });
         }
-        for (data, (len, id)) in &wanted {
-            trie.insert(&Key::new(*len, *data), id, 0)
+        for (data, (len, value)) in &wanted {
+            trie.insert(&Key::new(*len, *data), value, 0)
                 .map_err(write_err(name))?;
         }
         let stale: Vec<Key<K>> = trie
@@ -627,24 +767,35 @@ fn replace_prefix_ids(
     }
     let mut v4 = HashMap::new();
     let mut v6 = HashMap::new();
-    for (net, id) in entries {
+    for (net, value) in entries {
         match net.trunc() {
-            IpNet::V4(n) => v4.insert(n.network().octets(), (u32::from(n.prefix_len()), *id)),
-            IpNet::V6(n) => v6.insert(n.network().octets(), (u32::from(n.prefix_len()), *id)),
+            IpNet::V4(n) => v4.insert(n.network().octets(), (u32::from(n.prefix_len()), *value)),
+            IpNet::V6(n) => v6.insert(n.network().octets(), (u32::from(n.prefix_len()), *value)),
         };
     }
     sync(ebpf, names.0, v4)?;
     sync(ebpf, names.1, v6)
 }
 
-/// Which identity id each source prefix belongs to (0 is never stored: an
-/// address without an entry has no identity).
-pub fn set_identity_addrs(ebpf: &mut Ebpf, entries: &[(IpNet, u32)]) -> Result<(), TablesError> {
-    replace_prefix_ids(ebpf, (maps::ID4, maps::ID6), entries)
+/// Which identity each source prefix belongs to (an address without an
+/// entry has no identity).
+pub fn set_identity_addrs(
+    ebpf: &mut Ebpf,
+    entries: &[(IpNet, IdentityRef)],
+) -> Result<(), TablesError> {
+    replace_prefixes(ebpf, (maps::ID4, maps::ID6), entries)
 }
 
 /// Which country id each destination prefix is in.
 pub fn set_countries(ebpf: &mut Ebpf, entries: &[(IpNet, u16)]) -> Result<(), TablesError> {
     let entries: Vec<(IpNet, u32)> = entries.iter().map(|(n, c)| (*n, u32::from(*c))).collect();
-    replace_prefix_ids(ebpf, (maps::GEO4, maps::GEO6), &entries)
+    replace_prefixes(ebpf, (maps::GEO4, maps::GEO6), &entries)
+}
+
+/// The stable per-user key that keeps a user on one IPv6 egress address
+/// (FNV-1a of the lower-cased user name).
+pub fn identity_key(user: &str) -> u32 {
+    user.to_lowercase().bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
 }

@@ -246,40 +246,131 @@ unsafe impl aya::Pod for Action {}
 
 /// `Pool::mode`: the first usable address in list order takes new flows.
 pub const POOL_MODE_FAILOVER: u8 = 0;
+/// `Pool::mode`: new flows are hashed over all usable addresses.
+pub const POOL_MODE_SPREAD: u8 = 1;
+/// `Pool::when_down`: no usable address means new flows are dropped.
+pub const POOL_DOWN_DROP: u8 = 0;
+/// `Pool::when_down`: no usable address means the default egress is used.
+pub const POOL_DOWN_DEFAULT: u8 = 1;
 
 /// A set of egress addresses a policy can send flows out from.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Pool {
     /// IPv4 addresses in preference order, network byte order.
-    pub v4_be: [u32; POOL_MAX_V4],
-    /// Number of valid entries in `v4_be`.
+    pub v4: [u32; POOL_MAX_V4],
+    /// Egress-address counter slot of each IPv4 address.
+    pub v4_slot: [u16; POOL_MAX_V4],
+    /// IPv6 range: network (network-order words) and the mask of its host
+    /// bits; an address is `net | (hash & host_mask)`.
+    pub v6_net: [u32; 4],
+    pub v6_host_mask: [u32; 4],
+    /// Egress-address counter slot of the IPv6 range.
+    pub v6_slot: u16,
+    /// Number of valid entries in `v4`.
     pub v4_count: u8,
     /// `POOL_MODE_*`.
     pub mode: u8,
+    /// `POOL_DOWN_*`.
+    pub when_down: u8,
+    /// 1 when the pool has an IPv6 range.
+    pub has_v6: u8,
     pub _reserved: [u8; 2],
-    /// Bit `i` set: `v4_be[i]` is usable. Kept up to date by the agent.
+    /// Bit `i` set: `v4[i]` is usable. Kept up to date by the agent.
     pub v4_up: u32,
 }
-const _: () = assert!(size_of::<Pool>() == 40);
+const _: () = assert!(size_of::<Pool>() == 92);
 #[cfg(feature = "user")]
 // SAFETY: repr(C), only integers, no implicit padding (size asserted above).
 unsafe impl aya::Pod for Pool {}
 
+/// A well-mixed 64-bit hash step (splitmix64's finaliser).
+#[inline(always)]
+pub const fn mix64(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
 impl Pool {
-    /// The address new IPv4 flows leave from, or `None` when none is usable.
+    /// The IPv4 address new flows leave from and its counter slot, or `None`
+    /// when no address is usable. `hash` spreads flows in spread mode.
     #[inline(always)]
-    pub fn pick_v4(&self) -> Option<u32> {
+    pub fn pick_v4(&self, hash: u64) -> Option<(u32, u16)> {
+        let usable = self.v4_up & ((1u32 << (self.v4_count as u32 & 15)) - 1);
+        if usable == 0 {
+            return None;
+        }
+        // Spread mode: the n-th usable address, n = hash mod usable count.
+        let mut skip = if self.mode == POOL_MODE_SPREAD {
+            (hash % u64::from(usable.count_ones())) as u32
+        } else {
+            0
+        };
         let mut i = 0;
         while i < POOL_MAX_V4 {
-            if i < self.v4_count as usize && self.v4_up & (1 << i) != 0 {
-                return Some(self.v4_be[i]);
+            if usable & (1 << i) != 0 {
+                if skip == 0 {
+                    return Some((self.v4[i], self.v4_slot[i]));
+                }
+                skip -= 1;
             }
             i += 1;
         }
         None
     }
+
+    /// The IPv6 address for flows whose identity or source hashes to `key`,
+    /// written to `out`: stable per key, inside the range, never the
+    /// all-zero host (the subnet-router anycast address). Returns the
+    /// range's counter slot, or `None` when the pool has no IPv6 range.
+    ///
+    /// Writes through `out` word by word, without temporary arrays: in the
+    /// dataplane `out` is the new flow's entry, and BPF stack is scarce.
+    #[inline(always)]
+    pub fn pick_v6(&self, key: u64, out: &mut [u32; 4]) -> Option<u16> {
+        if self.has_v6 == 0 {
+            return None;
+        }
+        let low = mix64(key);
+        let high = mix64(low ^ 0x9e37_79b9_7f4a_7c15);
+        let mut host_bits = 0;
+        let mut i = 0;
+        while i < 4 {
+            let word = match i {
+                0 => (high >> 32) as u32,
+                1 => high as u32,
+                2 => (low >> 32) as u32,
+                _ => low as u32,
+            };
+            let h = word.to_be() & self.v6_host_mask[i];
+            host_bits |= h;
+            out[i] = (self.v6_net[i] & !self.v6_host_mask[i]) | h;
+            i += 1;
+        }
+        if host_bits == 0 {
+            out[3] |= self.v6_host_mask[3] & 1u32.to_be();
+        }
+        Some(self.v6_slot)
+    }
 }
+
+/// What the identity tries map a source prefix to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdentityRef {
+    /// Identity id (index of the identity class table).
+    pub id: u32,
+    /// Stable per user (a hash of the user name), so the user keeps one
+    /// IPv6 egress address across sessions, reloads and restarts.
+    pub key: u32,
+}
+const _: () = assert!(size_of::<IdentityRef>() == 8);
+#[cfg(feature = "user")]
+// SAFETY: repr(C), only integers, no implicit padding (size asserted above).
+unsafe impl aya::Pod for IdentityRef {}
 
 /// Per-generation settings.
 #[repr(C)]
@@ -378,17 +469,77 @@ mod tests {
     }
 
     #[test]
-    fn pool_pick_v4_skips_down_addresses() {
+    fn pool_pick_v4_failover_skips_down_addresses() {
         let mut pool = Pool {
-            v4_be: [10, 11, 0, 0, 0, 0, 0, 0],
+            v4: [10, 11, 0, 0, 0, 0, 0, 0],
+            v4_slot: [1, 2, 0, 0, 0, 0, 0, 0],
             v4_count: 2,
             v4_up: 0b11,
             ..Pool::default()
         };
-        assert_eq!(pool.pick_v4(), Some(10), "primary while up");
+        assert_eq!(pool.pick_v4(7), Some((10, 1)), "primary while up");
         pool.v4_up = 0b10;
-        assert_eq!(pool.pick_v4(), Some(11), "secondary when primary is down");
+        assert_eq!(
+            pool.pick_v4(7),
+            Some((11, 2)),
+            "secondary when primary is down"
+        );
         pool.v4_up = 0;
-        assert_eq!(pool.pick_v4(), None, "nothing usable");
+        assert_eq!(pool.pick_v4(7), None, "nothing usable");
+    }
+
+    #[test]
+    fn pool_pick_v4_spread_uses_every_usable_address() {
+        let pool = Pool {
+            v4: [10, 11, 12, 0, 0, 0, 0, 0],
+            v4_count: 3,
+            v4_up: 0b101,
+            mode: POOL_MODE_SPREAD,
+            ..Pool::default()
+        };
+        let picked: std::collections::BTreeSet<u32> = (0..64)
+            .filter_map(|h| pool.pick_v4(mix64(h)))
+            .map(|(a, _)| a)
+            .collect();
+        assert_eq!(
+            picked,
+            [10, 12].into(),
+            "both usable addresses, never the down one"
+        );
+    }
+
+    #[test]
+    fn pool_pick_v6_stable_inside_range_nonzero_host() {
+        // 2001:db8:e0::/64
+        let pool = Pool {
+            v6_net: [0x2001_0db8u32.to_be(), 0x00e0_0000u32.to_be(), 0, 0],
+            v6_host_mask: [0, 0, u32::MAX, u32::MAX],
+            has_v6: 1,
+            v6_slot: 5,
+            ..Pool::default()
+        };
+        let pick = |key| {
+            let mut a = [0u32; 4];
+            pool.pick_v6(key, &mut a).map(|slot| (a, slot))
+        };
+        let (a, slot) = pick(42).unwrap();
+        assert_eq!(slot, 5);
+        assert_eq!(pick(42).unwrap().0, a, "the same key gets the same address");
+        assert_ne!(pick(43).unwrap().0, a, "another key gets another address");
+        assert_eq!(&a[..2], &pool.v6_net[..2], "inside the /64");
+        assert!(
+            a[2] != 0 || a[3] != 0,
+            "never the subnet-router anycast address"
+        );
+        // A /128 range always gives its one address.
+        let single = Pool {
+            v6_net: [1, 2, 3, 4],
+            v6_host_mask: [0; 4],
+            has_v6: 1,
+            ..Pool::default()
+        };
+        let mut a = [0u32; 4];
+        single.pick_v6(9, &mut a).unwrap();
+        assert_eq!(a, [1, 2, 3, 4]);
     }
 }

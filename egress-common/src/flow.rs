@@ -9,17 +9,22 @@ pub mod proto {
     pub const ICMPV6: u8 = 58;
 }
 
-/// An IPv4 flow in its outgoing direction (client -> internet).
+/// An IPv4 address in network byte order, as read from the packet.
+pub type Addr4 = u32;
+/// An IPv6 address as four network-order words, as read from the packet.
+pub type Addr6 = [u32; 4];
+
+/// A flow in its outgoing direction (client -> internet).
 ///
 /// For ICMP echo, `sport_be` carries the echo identifier and `dport_be` is 0,
 /// so an echo "flow" translates like a UDP flow whose port is the identifier.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Tuple4 {
+pub struct Tuple<A> {
     /// Source address, network byte order.
-    pub src_be: u32,
+    pub src: A,
     /// Destination address, network byte order.
-    pub dst_be: u32,
+    pub dst: A,
     /// Source port (or ICMP echo identifier), network byte order.
     pub sport_be: u16,
     /// Destination port (0 for ICMP), network byte order.
@@ -28,16 +33,23 @@ pub struct Tuple4 {
     pub proto: u8,
     pub _reserved: [u8; 3],
 }
-const _: () = assert!(size_of::<Tuple4>() == 16);
-#[cfg(feature = "user")]
-// SAFETY: repr(C), only integers, no implicit padding (size asserted above).
-unsafe impl aya::Pod for Tuple4 {}
 
-impl Tuple4 {
-    pub const fn new(src_be: u32, dst_be: u32, sport_be: u16, dport_be: u16, proto: u8) -> Self {
+pub type Tuple4 = Tuple<Addr4>;
+pub type Tuple6 = Tuple<Addr6>;
+const _: () = assert!(size_of::<Tuple4>() == 16);
+const _: () = assert!(size_of::<Tuple6>() == 40);
+#[cfg(feature = "user")]
+// SAFETY: repr(C), only integers, no implicit padding (sizes asserted above).
+unsafe impl aya::Pod for Tuple4 {}
+#[cfg(feature = "user")]
+// SAFETY: as for Tuple4.
+unsafe impl aya::Pod for Tuple6 {}
+
+impl<A: Copy> Tuple<A> {
+    pub const fn new(src: A, dst: A, sport_be: u16, dport_be: u16, proto: u8) -> Self {
         Self {
-            src_be,
-            dst_be,
+            src,
+            dst,
             sport_be,
             dport_be,
             proto,
@@ -47,12 +59,6 @@ impl Tuple4 {
 
     /// The same flow seen from the other end: what a reply carries.
     pub const fn reversed(&self) -> Self {
-        Self::new(
-            self.dst_be,
-            self.src_be,
-            self.dport_be,
-            self.sport_be,
-            self.proto,
-        )
+        Self::new(self.dst, self.src, self.dport_be, self.sport_be, self.proto)
     }
 }

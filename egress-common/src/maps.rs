@@ -9,6 +9,14 @@
 pub const CT4: &str = "EG_CT4";
 /// Reverse NAT table, IPv4: translated outgoing tuple -> original client.
 pub const NAT4: &str = "EG_NAT4";
+/// Connection table, IPv6.
+pub const CT6: &str = "EG_CT6";
+/// Reverse NAT table, IPv6.
+pub const NAT6: &str = "EG_NAT6";
+/// Fragments of translated IPv4 datagrams -> their translation (LRU).
+pub const FRAG4: &str = "EG_FRAG4";
+/// Fragments of translated IPv6 datagrams (LRU).
+pub const FRAG6: &str = "EG_FRAG6";
 /// Classifier: IPv4 source prefix (generation-keyed LPM) -> class row.
 pub const SRC4: &str = "EG_SRC4";
 /// Classifier: IPv4 destination prefix (generation-keyed LPM) -> class row.
@@ -44,15 +52,28 @@ pub const SETTINGS: &str = "EG_SETTINGS";
 pub const GEN: &str = "EG_GEN";
 /// IPv4 addresses of the gateway itself (its own traffic is never steered).
 pub const LOCAL4: &str = "EG_LOCAL4";
+/// IPv6 addresses of the gateway itself.
+pub const LOCAL6: &str = "EG_LOCAL6";
 /// Global per-CPU counters, indexed by [`crate::stats::Counter`].
 pub const STATS: &str = "EG_STATS";
 /// Per-CPU per-policy counters, indexed by a policy's stats slot.
 pub const POLICY_STATS: &str = "EG_POLICY_STATS";
+/// Per-CPU per-egress-address counters, indexed by an address's slot.
+pub const ADDR_STATS: &str = "EG_ADDR_STATS";
+/// Per-CPU scratch space for building a new flow's IPv4 entry (the BPF
+/// stack is too small to hold it beside everything else).
+pub const SCRATCH4: &str = "EG_SCRATCH4";
+/// Per-CPU scratch space for a new IPv6 flow's entry.
+pub const SCRATCH6: &str = "EG_SCRATCH6";
 
 /// Every map the object must define; a packet test checks the object against it.
 pub const ALL: &[&str] = &[
     CT4,
     NAT4,
+    CT6,
+    NAT6,
+    FRAG4,
+    FRAG6,
     SRC4,
     DST4,
     SRC6,
@@ -70,8 +91,12 @@ pub const ALL: &[&str] = &[
     SETTINGS,
     GEN,
     LOCAL4,
+    LOCAL6,
     STATS,
     POLICY_STATS,
+    ADDR_STATS,
+    SCRATCH4,
+    SCRATCH6,
 ];
 
 /// TC egress program on the uplink: classify new flows, translate the source.
@@ -89,5 +114,7 @@ pub const DEFAULT_PREFIXES: u32 = 65536;
 pub const DEFAULT_IDENTITY_PREFIXES: u32 = 262_144;
 /// Default prefix capacity of each country trie.
 pub const DEFAULT_GEO_PREFIXES: u32 = 1 << 20;
+/// Datagrams whose fragments can be in flight at once (each direction shares).
+pub const MAX_FRAG_DATAGRAMS: u32 = 16384;
 /// Capacity of the gateway-address table.
 pub const MAX_LOCAL_ADDRS: u32 = 1024;

@@ -2,7 +2,7 @@
 //! Counter slots of the global per-CPU statistics map and the per-policy
 //! counters. The dataplane never logs per packet; it counts here.
 
-/// Index into [`crate::maps::STATS`]. Append only: the agent prints these by name.
+/// Index into [`crate::maps::STATS`]. The agent prints these by name.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -16,7 +16,7 @@ pub enum Counter {
     FlowsTranslated,
     /// New flows left untouched by a `bypass` policy.
     FlowsBypassed,
-    /// New flows of the gateway itself, reserved and left untouched.
+    /// New flows of the gateway itself, reserved and not steered.
     FlowsLocal,
     /// Outgoing packets whose source was rewritten.
     EgressTranslated,
@@ -26,36 +26,37 @@ pub enum Counter {
     IngressNotOurs,
     /// Non-IP frames (ARP, LLDP, ...) passed untouched.
     PassNonIp,
-    /// IPv6 packets passed untouched (IPv6 steering is not enabled).
-    PassIpv6,
     /// The original source port was taken; another one was searched for.
     PortCollisions,
+    /// Fragments translated by the translation of their datagram's first one.
+    FragmentsTranslated,
+    /// ICMP errors about translated flows, translated (outer and quoted packet).
+    IcmpErrorsTranslated,
+    /// Two CPUs created the same flow at once; the loser adopted the winner's entry.
+    FlowRaces,
     /// Dropped: no free translated port for the destination after a bounded search.
     DropPortExhausted,
     /// Dropped: the connection table is full.
     DropTableFull,
     /// Dropped: truncated or malformed IP/L4 header.
     DropMalformed,
-    /// Dropped: IPv4 fragment of a flow that must be translated.
+    /// Dropped: a fragment whose datagram's translation is unknown (its
+    /// first fragment was not seen, or came later).
     DropFragment,
     /// Dropped: the protocol cannot be translated (not TCP/UDP/ICMP echo)
     /// but the matching policy requires translation.
     DropUnsupported,
-    /// Dropped: the policy's pool has no usable address.
+    /// Dropped: the policy's pool has no usable address for the flow's family.
     DropNoEgress,
     /// Dropped: a packet helper failed while rewriting.
     DropRewrite,
     /// Dropped: the classifier tables of the active generation are missing.
     DropNoTables,
-    /// Two CPUs created the same flow at once; the loser adopted the winner's entry.
-    FlowRaces,
-    /// A gateway-originated flow found its tuple already used by a client flow.
-    LocalConflicts,
 }
 
 impl Counter {
     /// Number of counter slots (size of the stats map).
-    pub const COUNT: u32 = Counter::LocalConflicts as u32 + 1;
+    pub const COUNT: u32 = Counter::DropNoTables as u32 + 1;
 
     /// Every counter in slot order with its stable, exported name.
     pub const ALL: &[(Counter, &'static str)] = &[
@@ -69,8 +70,10 @@ impl Counter {
         (Counter::IngressTranslated, "ingress_translated"),
         (Counter::IngressNotOurs, "ingress_not_ours"),
         (Counter::PassNonIp, "pass_non_ip"),
-        (Counter::PassIpv6, "pass_ipv6"),
         (Counter::PortCollisions, "port_collisions"),
+        (Counter::FragmentsTranslated, "fragments_translated"),
+        (Counter::IcmpErrorsTranslated, "icmp_errors_translated"),
+        (Counter::FlowRaces, "flow_races"),
         (Counter::DropPortExhausted, "drop_port_exhausted"),
         (Counter::DropTableFull, "drop_table_full"),
         (Counter::DropMalformed, "drop_malformed"),
@@ -79,8 +82,6 @@ impl Counter {
         (Counter::DropNoEgress, "drop_no_egress"),
         (Counter::DropRewrite, "drop_rewrite"),
         (Counter::DropNoTables, "drop_no_tables"),
-        (Counter::FlowRaces, "flow_races"),
-        (Counter::LocalConflicts, "local_conflicts"),
     ];
 }
 const _: () = assert!(Counter::ALL.len() == Counter::COUNT as usize);
@@ -108,3 +109,24 @@ unsafe impl aya::Pod for PolicyStats {}
 pub const POLICY_STAT_SLOTS: u32 = 2 * crate::classify::ACTIONS_PER_GEN;
 /// Slot of the implicit "no policy matched" default.
 pub const DEFAULT_STATS_SLOT: u32 = 0;
+
+/// Egress-address counter slots (per-CPU array size).
+pub const ADDR_STAT_SLOTS: u32 = 4096;
+
+/// Per egress address (an IPv4 address or an IPv6 range), per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddrStats {
+    /// Flows given this address.
+    pub flows: u64,
+    /// New flows dropped because no port was free towards their destination.
+    pub exhausted: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+}
+const _: () = assert!(size_of::<AddrStats>() == 48);
+#[cfg(feature = "user")]
+// SAFETY: repr(C), only integers, no implicit padding (size asserted above).
+unsafe impl aya::Pod for AddrStats {}

@@ -6,6 +6,9 @@
 
 mod classify;
 mod error;
+mod family;
+mod frag;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;

@@ -4,20 +4,22 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use egress_common::{
     classify::{
         ACTIONS_PER_GEN, Action, COUNTRY_SLOTS, ClassRow, DEFAULT_IDENTITY_SLOTS, GENERATIONS,
-        GenPrefix4, GenPrefix6, MAX_POOLS, PORT_SLOTS_PER_GEN, Pool, Settings,
+        GenPrefix4, GenPrefix6, IdentityRef, MAX_POOLS, PORT_SLOTS_PER_GEN, Pool, Settings,
     },
-    conntrack::{CtEntry4, RevEntry4},
-    flow::Tuple4,
+    conntrack::{
+        CtEntry4, CtEntry6, FragEntry, FragKey4, FragKey6, RevEntry4, RevEntry6, Scratch4, Scratch6,
+    },
+    flow::{Addr4, Addr6, Tuple4, Tuple6},
     maps::{
         DEFAULT_CLASSES_PER_GEN, DEFAULT_GEO_PREFIXES, DEFAULT_IDENTITY_PREFIXES,
-        DEFAULT_MAX_FLOWS, DEFAULT_PREFIXES, MAX_LOCAL_ADDRS,
+        DEFAULT_MAX_FLOWS, DEFAULT_PREFIXES, MAX_FRAG_DATAGRAMS, MAX_LOCAL_ADDRS,
     },
-    stats::{Counter, PolicyStats},
+    stats::{ADDR_STAT_SLOTS, AddrStats, Counter, POLICY_STAT_SLOTS, PolicyStats},
 };
 
 #[map]
@@ -25,6 +27,20 @@ pub static EG_CT4: HashMap<Tuple4, CtEntry4> = HashMap::with_max_entries(DEFAULT
 
 #[map]
 pub static EG_NAT4: HashMap<Tuple4, RevEntry4> = HashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+#[map]
+pub static EG_CT6: HashMap<Tuple6, CtEntry6> = HashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+#[map]
+pub static EG_NAT6: HashMap<Tuple6, RevEntry6> = HashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+#[map]
+pub static EG_FRAG4: LruHashMap<FragKey4, FragEntry<Addr4>> =
+    LruHashMap::with_max_entries(MAX_FRAG_DATAGRAMS, 0);
+
+#[map]
+pub static EG_FRAG6: LruHashMap<FragKey6, FragEntry<Addr6>> =
+    LruHashMap::with_max_entries(MAX_FRAG_DATAGRAMS, 0);
 
 #[map]
 pub static EG_SRC4: LpmTrie<GenPrefix4, u32> = LpmTrie::with_max_entries(DEFAULT_PREFIXES, 0);
@@ -39,10 +55,12 @@ pub static EG_SRC6: LpmTrie<GenPrefix6, u32> = LpmTrie::with_max_entries(DEFAULT
 pub static EG_DST6: LpmTrie<GenPrefix6, u32> = LpmTrie::with_max_entries(DEFAULT_PREFIXES, 0);
 
 #[map]
-pub static EG_ID4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(DEFAULT_IDENTITY_PREFIXES, 0);
+pub static EG_ID4: LpmTrie<[u8; 4], IdentityRef> =
+    LpmTrie::with_max_entries(DEFAULT_IDENTITY_PREFIXES, 0);
 
 #[map]
-pub static EG_ID6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(DEFAULT_IDENTITY_PREFIXES, 0);
+pub static EG_ID6: LpmTrie<[u8; 16], IdentityRef> =
+    LpmTrie::with_max_entries(DEFAULT_IDENTITY_PREFIXES, 0);
 
 #[map]
 pub static EG_ID_CLASS: Array<u32> =
@@ -77,11 +95,24 @@ pub static EG_SETTINGS: Array<Settings> = Array::with_max_entries(GENERATIONS, 0
 pub static EG_GEN: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map]
-pub static EG_LOCAL4: HashMap<u32, u32> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
+pub static EG_LOCAL4: HashMap<Addr4, u32> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
+
+#[map]
+pub static EG_LOCAL6: HashMap<Addr6, u32> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
 
 #[map]
 pub static EG_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
 #[map]
 pub static EG_POLICY_STATS: PerCpuArray<PolicyStats> =
-    PerCpuArray::with_max_entries(egress_common::stats::POLICY_STAT_SLOTS, 0);
+    PerCpuArray::with_max_entries(POLICY_STAT_SLOTS, 0);
+
+#[map]
+pub static EG_ADDR_STATS: PerCpuArray<AddrStats> =
+    PerCpuArray::with_max_entries(ADDR_STAT_SLOTS, 0);
+
+#[map]
+pub static EG_SCRATCH4: PerCpuArray<Scratch4> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static EG_SCRATCH6: PerCpuArray<Scratch6> = PerCpuArray::with_max_entries(1, 0);

@@ -1,41 +1,48 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
-//! Connection tracking and translation: the established-flow fast path,
-//! new-flow creation (classification, port claim, table inserts) and the
-//! header rewrites with their checksum fix-ups.
+//! Connection tracking and translation, for either address family: the
+//! established-flow fast path, new-flow creation (classification, address
+//! choice, port claim, table inserts) and the header rewrites.
 //!
-//! A translated flow owns two entries: `EG_CT4[original tuple]` on the way
-//! out and `EG_NAT4[translated tuple]` for replies. The reverse entry is
-//! inserted first with BPF_NOEXIST, which is what claims a translated tuple:
-//! two CPUs racing for the same port cannot both win, and a live mapping is
-//! never overwritten.
+//! A translated flow owns two entries: `CT[original tuple]` on the way out
+//! and `NAT[translated tuple]` for replies. The reverse entry is inserted
+//! first with BPF_NOEXIST, which is what claims a translated tuple: two CPUs
+//! racing for the same port cannot both win, and a live mapping is never
+//! overwritten.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_NOEXIST, TC_ACT_OK},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     programs::TcContext,
 };
 use aya_log_ebpf::error;
 use egress_common::{
-    classify::{ACTION_BYPASS, ACTION_F_MARK, ACTION_TRANSLATE, Settings},
-    conntrack::{
-        CT_F_FIN, CT_F_LOCAL, CT_F_MARK, CT_F_PASS, CT_F_RST, CT_F_SYN, CtEntry4, RevEntry4,
+    classify::{
+        ACTION_BYPASS, ACTION_F_MARK, ACTION_TRANSLATE, DEFAULT_POOL, IdentityRef,
+        POOL_DOWN_DEFAULT, Settings, mix64,
     },
-    flow::Tuple4,
+    conntrack::{
+        CT_F_FIN, CT_F_LOCAL, CT_F_MARK, CT_F_PASS, CT_F_RST, CT_F_SYN, CtEntry, FRAG_EGRESS,
+        FRAG_INGRESS, RevEntry, Scratch,
+    },
+    flow::Tuple,
     stats::{Counter, DEFAULT_STATS_SLOT},
 };
 
 use crate::{
-    classify::{Generation, classify_v4},
+    classify::{Generation, classify},
     error::Error,
-    maps::{EG_CT4, EG_LOCAL4, EG_NAT4},
-    parse::{
-        self, Direction, Frame, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Ipv4Packet, L4, TCP_FIN,
-        TCP_RST, TCP_SYN,
-    },
-    stats::{Side, count, count_policy},
+    family::{Csums, Family, Ipv4, Ipv6, outer},
+    frag, icmp,
+    parse::{self, Direction, Frag, Frame, L3_OFF, L4, Packet, TCP_FIN, TCP_RST, TCP_SYN},
+    stats::{Side, count, count_exhausted, count_flow_packet},
 };
 
-const PASS: i32 = TC_ACT_OK as i32;
+pub const PASS: i32 = TC_ACT_OK as i32;
+/// Attempts at finding a free translated port once the original one is taken.
+/// Each attempt is one hash insert; the bound keeps the verifier (and the
+/// worst-case first-packet latency) in check.
+const MAX_PORT_TRIES: u32 = 32;
+const EEXIST: i32 = 17;
 
 /// Benchmarks only (set at load time; 0 in production, where the verifier
 /// sees the constant and removes the branches): 1 = translate new flows
@@ -50,11 +57,6 @@ fn bench_mode() -> u8 {
     // compiler from folding the default value in.
     unsafe { core::ptr::read_volatile(&BENCH_MODE) }
 }
-/// Attempts at finding a free translated port once the original one is taken.
-/// Each attempt is one hash insert; the bound keeps the verifier (and the
-/// worst-case first-packet latency) in check.
-const MAX_PORT_TRIES: u32 = 32;
-const EEXIST: i32 = 17;
 
 #[inline(always)]
 fn now() -> u64 {
@@ -63,7 +65,7 @@ fn now() -> u64 {
 }
 
 #[inline(always)]
-fn tcp_bits(pkt: &Ipv4Packet) -> u16 {
+fn tcp_bits<F: Family>(pkt: &Packet<F>) -> u16 {
     if pkt.l4 != L4::Tcp {
         return 0;
     }
@@ -84,92 +86,145 @@ fn tcp_bits(pkt: &Ipv4Packet) -> u16 {
 #[inline(always)]
 pub fn egress(ctx: &TcContext) -> Result<i32, Error> {
     count(Counter::EgressPackets);
-    let pkt = match parse::frame(ctx, Direction::Egress)? {
-        Frame::Ipv4(pkt) => pkt,
-        Frame::Ipv6 => {
-            count(Counter::PassIpv6);
-            return Ok(PASS);
-        }
+    match parse::frame(ctx)? {
+        Frame::Ipv4 => Ok(egress_packet::<Ipv4>(ctx)),
+        Frame::Ipv6 => Ok(egress_packet::<Ipv6>(ctx)),
         Frame::NotIp => {
             count(Counter::PassNonIp);
-            return Ok(PASS);
+            Ok(PASS)
         }
-    };
-    let now = now();
-    match EG_CT4.get_ptr_mut(&pkt.tuple) {
-        // SAFETY: a hash map value stays valid for the program's run (RCU);
-        // concurrent writers only bump counters and timestamps.
-        Some(entry) => established(ctx, &pkt, unsafe { &mut *entry }, now),
-        None => new_flow(ctx, &pkt, now),
     }
 }
 
-/// Fast path: a packet of a flow already in the connection table.
+// Stack budget: the kernel allows 512 bytes for a whole chain of BPF
+// function calls, each frame rounded up to 32 bytes. So the parsed packet
+// lives in the entry program's frame and every heavier path (new flows,
+// ICMP errors, fragments, the rewrite itself) is one BPF function below it,
+// with its own frame. Only r0 survives a BPF call, so each such function
+// turns its own error into a verdict (through error.rs) and returns that.
 #[inline(always)]
-fn established(
+fn egress_packet<F: Family>(ctx: &TcContext) -> i32 {
+    egress_flow::<F>(ctx).unwrap_or_else(Error::egress_action)
+}
+
+#[inline(always)]
+fn egress_flow<F: Family>(ctx: &TcContext) -> Result<i32, Error> {
+    let mut pkt = Packet::<F>::default();
+    parse::packet(ctx, L3_OFF, Direction::Egress, &mut pkt)?;
+    let pkt = &pkt;
+    if pkt.frag == Frag::Later {
+        return Ok(frag::egress_later::<F>(ctx, pkt));
+    }
+    if pkt.l4 == L4::IcmpError {
+        return Ok(icmp::egress_error::<F>(ctx, pkt));
+    }
+    let now = now();
+    match F::ct().get_ptr_mut(&pkt.tuple) {
+        Some(entry) => {
+            // SAFETY: a hash map value stays valid for the program's run
+            // (RCU); concurrent writers only bump counters and timestamps.
+            let left_as = established(ctx, pkt, unsafe { &mut *entry }, now)?;
+            record_first_fragment(pkt, left_as);
+            Ok(PASS)
+        }
+        None => Ok(new_flow(ctx, pkt, now)),
+    }
+}
+
+/// A first fragment's outcome, for the datagram's later fragments.
+#[inline(always)]
+fn record_first_fragment<F: Family>(pkt: &Packet<F>, left_as: F::Addr) {
+    if pkt.frag == Frag::First {
+        frag::record::<F>(FRAG_EGRESS, &pkt.tuple, pkt.frag_id, &left_as);
+    }
+}
+
+/// Fast path: a packet of a flow already in the connection table. Returns
+/// the source address the packet leaves with.
+#[inline(always)]
+fn established<F: Family>(
     ctx: &TcContext,
-    pkt: &Ipv4Packet,
-    entry: &mut CtEntry4,
+    pkt: &Packet<F>,
+    entry: &mut CtEntry<F::Addr, F::CtPad>,
     now: u64,
-) -> Result<i32, Error> {
+) -> Result<F::Addr, Error> {
     entry.last_seen_ns = now;
     entry.packets += 1;
     entry.bytes += u64::from(pkt.len);
     entry.flags |= tcp_bits(pkt);
-    let CtEntry4 {
-        nat_addr_be,
-        nat_port_be,
-        flags,
-        stats_slot,
-        mark,
-        ..
-    } = *entry;
-    count_policy(stats_slot, Side::Out, pkt.len, false);
+    let (nat_addr, nat_port, flags, mark) =
+        (entry.nat_addr, entry.nat_port_be, entry.flags, entry.mark);
+    count_flow_packet(entry.stats_slot, entry.addr_slot, Side::Out, pkt.len, false);
     if flags & CT_F_MARK != 0 {
         ctx.set_mark(mark);
     }
     if flags & CT_F_PASS != 0 {
-        return Ok(PASS);
+        return Ok(pkt.tuple.src);
     }
-    rewrite_source(ctx, pkt, nat_addr_be, nat_port_be)?;
-    Ok(PASS)
+    rewrite_source(ctx, pkt, nat_addr, nat_port)?;
+    Ok(nat_addr)
+}
+
+/// The hash that spreads a flow over a pool's addresses.
+#[inline(always)]
+fn flow_hash<F: Family>(tuple: &Tuple<F::Addr>) -> u64 {
+    mix64(
+        F::digest(&tuple.src)
+            ^ F::digest(&tuple.dst)
+            ^ (u64::from(tuple.sport_be) << 16 | u64::from(tuple.dport_be)),
+    )
 }
 
 /// Slow path: the first packet of a flow.
+#[inline(never)]
+fn new_flow<F: Family>(ctx: &TcContext, pkt: &Packet<F>, now: u64) -> i32 {
+    first_packet(ctx, pkt, now).unwrap_or_else(Error::egress_action)
+}
+
 #[inline(always)]
-fn new_flow(ctx: &TcContext, pkt: &Ipv4Packet, now: u64) -> Result<i32, Error> {
+fn first_packet<F: Family>(ctx: &TcContext, pkt: &Packet<F>, now: u64) -> Result<i32, Error> {
     count(Counter::FlowsNew);
-    let mut entry = CtEntry4 {
-        nat_addr_be: pkt.tuple.src_be,
+    let src = pkt.tuple.src;
+    // Built in per-CPU scratch space: the stack cannot also hold it.
+    let scratch = F::scratch().ok_or(Error::NoTables)?;
+    // SAFETY: this CPU's slot of a per-CPU array, used only by this run
+    // (preemption is disabled, nothing else on this CPU can interleave).
+    let scratch = unsafe { &mut *scratch };
+    let entry = &mut scratch.ct;
+    *entry = CtEntry::<F::Addr, F::CtPad> {
+        nat_addr: src,
         nat_port_be: pkt.tuple.sport_be,
         flags: tcp_bits(pkt),
         created_ns: now,
         last_seen_ns: now,
         packets: 1,
         bytes: u64::from(pkt.len),
-        ..CtEntry4::default()
+        ..CtEntry::default()
     };
 
     // The gateway's own traffic is never steered by policy. It still claims
     // its tuple (translating to another port of its own address only if a
     // client flow already holds it), so that replies are never confused.
-    if EG_LOCAL4.get_ptr(&pkt.tuple.src_be).is_some() {
+    if F::is_local(&src) {
         count(Counter::FlowsLocal);
-        if !pkt.translatable() {
-            return Ok(PASS);
+        if pkt.translatable() {
+            entry.flags |= CT_F_LOCAL;
+            entry.stats_slot = DEFAULT_STATS_SLOT;
+            let settings = Generation::active()?.settings()?;
+            translate(ctx, pkt, scratch, settings, now)?;
         }
-        entry.flags |= CT_F_LOCAL;
-        entry.stats_slot = DEFAULT_STATS_SLOT;
-        let settings = Generation::active()?.settings()?;
-        return translate(ctx, pkt, entry, settings, now);
+        record_first_fragment(pkt, scratch.ct.nat_addr);
+        return Ok(PASS);
     }
 
     let generation = Generation::active()?;
-    let action = classify_v4(generation, &pkt.tuple)?;
+    let mut identity = IdentityRef::default();
+    let action = classify::<F>(generation, &pkt.tuple, &mut identity).ok_or(Error::NoTables)?;
     entry.stats_slot = action.stats_slot;
     entry.policy = action.policy as u16;
     entry.pool = action.pool as u16;
-    entry.generation = generation.id();
+    entry.generation = generation.id() as u16;
+    entry.identity = identity.id;
     if action.flags & ACTION_F_MARK != 0 {
         entry.flags |= CT_F_MARK;
         entry.mark = action.mark;
@@ -181,85 +236,111 @@ fn new_flow(ctx: &TcContext, pkt: &Ipv4Packet, now: u64) -> Result<i32, Error> {
             entry.flags |= CT_F_PASS;
             // A full table only costs this flow its fast path: every packet
             // is classified again, with the same answer.
-            let _ = EG_CT4.insert(&pkt.tuple, &entry, u64::from(BPF_NOEXIST));
+            let _ = F::ct().insert(&pkt.tuple, &*entry, u64::from(BPF_NOEXIST));
             count(Counter::FlowsBypassed);
-            count_policy(entry.stats_slot, Side::Out, pkt.len, true);
-            Ok(PASS)
+            count_flow_packet(entry.stats_slot, 0, Side::Out, pkt.len, true);
         }
         ACTION_TRANSLATE => {
             if !pkt.translatable() {
                 return Err(Error::Unsupported);
             }
-            entry.nat_addr_be = generation
-                .pool(action.pool)?
-                .pick_v4()
-                .ok_or(Error::NoEgress)?;
-            translate(ctx, pkt, entry, generation.settings()?, now)
+            // The same user (or, without identity, the same source) keeps
+            // the same IPv6 address of a range.
+            let key = if identity.id != 0 {
+                mix64(u64::from(identity.key))
+            } else {
+                F::digest(&src)
+            };
+            let hash = flow_hash::<F>(&pkt.tuple);
+            let pool = generation.pool(action.pool)?;
+            entry.addr_slot = match F::pick(pool, hash, key, &mut entry.nat_addr) {
+                Some(slot) => slot,
+                None if pool.when_down == POOL_DOWN_DEFAULT => {
+                    entry.pool = DEFAULT_POOL as u16;
+                    F::pick(
+                        generation.pool(DEFAULT_POOL)?,
+                        hash,
+                        key,
+                        &mut entry.nat_addr,
+                    )
+                    .ok_or(Error::NoEgress)?
+                }
+                None => return Err(Error::NoEgress),
+            };
+            translate(ctx, pkt, scratch, generation.settings()?, now)?;
         }
-        _ => Err(Error::NoTables),
+        _ => return Err(Error::NoTables),
     }
+    record_first_fragment(pkt, scratch.ct.nat_addr);
+    Ok(PASS)
 }
 
-/// Claim a translated tuple for a new flow (`entry.nat_addr_be` chosen),
-/// record both directions, and rewrite the packet.
-#[inline(always)]
-fn translate(
+/// Claim a translated tuple for a new flow (`scratch.ct.nat_addr` chosen),
+/// record both directions, and rewrite the packet. On return `scratch.ct`
+/// holds the translation the packet left with.
+#[inline(never)]
+fn translate<F: Family>(
     ctx: &TcContext,
-    pkt: &Ipv4Packet,
-    mut entry: CtEntry4,
+    pkt: &Packet<F>,
+    scratch: &mut Scratch<F::Addr, F::CtPad, F::RevPad>,
     settings: &Settings,
     now: u64,
-) -> Result<i32, Error> {
+) -> Result<(), Error> {
     if bench_mode() == 1 {
         count(Counter::FlowsTranslated);
-        return rewrite_source(ctx, pkt, entry.nat_addr_be, entry.nat_port_be).map(|()| PASS);
+        return rewrite_source(ctx, pkt, scratch.ct.nat_addr, scratch.ct.nat_port_be);
     }
-    let rev_key = claim_port(pkt, entry.nat_addr_be, entry.stats_slot, settings, now)?;
-    entry.nat_port_be = rev_key.sport_be;
-    if let Err(err) = EG_CT4.insert(&pkt.tuple, &entry, u64::from(BPF_NOEXIST)) {
+    claim_port(pkt, scratch, settings, now)?;
+    let entry = &mut scratch.ct;
+    entry.nat_port_be = scratch.rev_key.sport_be;
+    if let Err(err) = F::ct().insert(&pkt.tuple, &*entry, u64::from(BPF_NOEXIST)) {
         // Give the claimed tuple back before anything else can see it.
-        let _ = EG_NAT4.remove(&rev_key);
+        let _ = F::rev().remove(&scratch.rev_key);
         if err != -EEXIST {
             return Err(Error::TableFull);
         }
         // Another CPU created this very flow since our lookup: use its
         // translation so both packets leave with the same tuple.
         count(Counter::FlowRaces);
-        let winner = EG_CT4.get_ptr_mut(&pkt.tuple).ok_or(Error::TableFull)?;
-        // SAFETY: as in `egress`: a map value valid for this run.
-        return established(ctx, pkt, unsafe { &mut *winner }, now);
+        let winner = F::ct().get_ptr_mut(&pkt.tuple).ok_or(Error::TableFull)?;
+        // SAFETY: as in `egress_packet`: a map value valid for this run.
+        entry.nat_addr = established(ctx, pkt, unsafe { &mut *winner }, now)?;
+        return Ok(());
     }
     count(Counter::FlowsTranslated);
-    count_policy(entry.stats_slot, Side::Out, pkt.len, true);
-    rewrite_source(ctx, pkt, entry.nat_addr_be, entry.nat_port_be)?;
+    count_flow_packet(entry.stats_slot, entry.addr_slot, Side::Out, pkt.len, true);
+    rewrite_source(ctx, pkt, entry.nat_addr, entry.nat_port_be)?;
     if bench_mode() == 2 {
-        let _ = EG_CT4.remove(&pkt.tuple);
-        let _ = EG_NAT4.remove(&rev_key);
+        let _ = F::ct().remove(&pkt.tuple);
+        let _ = F::rev().remove(&scratch.rev_key);
     }
-    Ok(PASS)
+    Ok(())
 }
 
-/// Insert the reverse entry for `nat_addr_be` and a free port: the original
-/// source port when free, otherwise random ones from the settings' range.
+/// Insert the reverse entry for the chosen address and a free port: the
+/// original source port when free, otherwise random ones from the range.
+/// The claimed key is left in `scratch.rev_key`.
 #[inline(always)]
-fn claim_port(
-    pkt: &Ipv4Packet,
-    nat_addr_be: u32,
-    stats_slot: u32,
+fn claim_port<F: Family>(
+    pkt: &Packet<F>,
+    scratch: &mut Scratch<F::Addr, F::CtPad, F::RevPad>,
     settings: &Settings,
     now: u64,
-) -> Result<Tuple4, Error> {
+) -> Result<(), Error> {
     let tuple = &pkt.tuple;
-    let rev = RevEntry4 {
-        orig_addr_be: tuple.src_be,
+    let entry = &scratch.ct;
+    scratch.rev = RevEntry::<F::Addr, F::RevPad> {
+        orig_addr: tuple.src,
         orig_port_be: tuple.sport_be,
-        stats_slot,
+        stats_slot: entry.stats_slot,
+        addr_slot: entry.addr_slot,
+        flags: entry.flags & (CT_F_LOCAL | CT_F_PASS),
         last_seen_ns: now,
-        ..RevEntry4::default()
+        ..RevEntry::default()
     };
-    let mut key = Tuple4::new(
-        nat_addr_be,
-        tuple.dst_be,
+    scratch.rev_key = Tuple::new(
+        entry.nat_addr,
+        tuple.dst,
         tuple.sport_be,
         tuple.dport_be,
         tuple.proto,
@@ -267,19 +348,20 @@ fn claim_port(
     let span = u32::from(settings.port_max.saturating_sub(settings.port_min)) + 1;
     let mut attempt = 0;
     while attempt < MAX_PORT_TRIES {
-        match EG_NAT4.insert(&key, &rev, u64::from(BPF_NOEXIST)) {
-            Ok(()) => return Ok(key),
+        match F::rev().insert(&scratch.rev_key, &scratch.rev, u64::from(BPF_NOEXIST)) {
+            Ok(()) => return Ok(()),
             Err(err) if err == -EEXIST => {
                 count(Counter::PortCollisions);
                 // SAFETY: no preconditions.
                 let random = unsafe { bpf_get_prandom_u32() };
                 let port = u32::from(settings.port_min) + random % span;
-                key.sport_be = (port as u16).to_be();
+                scratch.rev_key.sport_be = (port as u16).to_be();
             }
             Err(_) => return Err(Error::TableFull),
         }
         attempt += 1;
     }
+    count_exhausted(scratch.ct.addr_slot);
     Err(Error::PortExhausted)
 }
 
@@ -287,16 +369,47 @@ fn claim_port(
 #[inline(always)]
 pub fn ingress(ctx: &TcContext) -> Result<i32, Error> {
     count(Counter::IngressPackets);
-    let pkt = match parse::frame(ctx, Direction::Ingress)? {
-        Frame::Ipv4(pkt) if pkt.translatable() => pkt,
-        _ => {
+    match parse::frame(ctx)? {
+        Frame::Ipv4 => Ok(ingress_packet::<Ipv4>(ctx)),
+        Frame::Ipv6 => Ok(ingress_packet::<Ipv6>(ctx)),
+        Frame::NotIp => {
             count(Counter::IngressNotOurs);
-            return Ok(PASS);
+            Ok(PASS)
         }
-    };
-    let Some(rev) = EG_NAT4.get_ptr_mut(&pkt.tuple.reversed()) else {
-        count(Counter::IngressNotOurs);
-        return Ok(PASS);
+    }
+}
+
+#[inline(always)]
+fn not_ours() -> Result<i32, Error> {
+    count(Counter::IngressNotOurs);
+    Ok(PASS)
+}
+
+#[inline(always)]
+fn ingress_packet<F: Family>(ctx: &TcContext) -> i32 {
+    ingress_flow::<F>(ctx).unwrap_or_else(Error::ingress_action)
+}
+
+#[inline(always)]
+fn ingress_flow<F: Family>(ctx: &TcContext) -> Result<i32, Error> {
+    let mut pkt = Packet::<F>::default();
+    if parse::packet(ctx, L3_OFF, Direction::Ingress, &mut pkt).is_err() {
+        // Not parseable: not a reply to anything we translated; the stack
+        // validates it itself.
+        return not_ours();
+    }
+    let pkt = &pkt;
+    if pkt.frag == Frag::Later {
+        return Ok(frag::ingress_later::<F>(ctx, pkt));
+    }
+    if pkt.l4 == L4::IcmpError {
+        return Ok(icmp::ingress_error::<F>(ctx, pkt));
+    }
+    if !pkt.translatable() {
+        return not_ours();
+    }
+    let Some(rev) = F::rev().get_ptr_mut(&pkt.tuple.reversed()) else {
+        return not_ours();
     };
     // SAFETY: a hash map value stays valid for the program's run (RCU);
     // concurrent writers only bump counters and timestamps.
@@ -304,110 +417,97 @@ pub fn ingress(ctx: &TcContext) -> Result<i32, Error> {
     rev.last_seen_ns = now();
     rev.packets += 1;
     rev.bytes += u64::from(pkt.len);
-    rev.flags |= tcp_bits(&pkt);
-    let RevEntry4 {
-        orig_addr_be,
-        orig_port_be,
-        stats_slot,
-        ..
-    } = *rev;
-    count_policy(stats_slot, Side::In, pkt.len, false);
-    rewrite(
-        ctx,
-        &pkt,
-        IP_DST_OFF,
-        pkt.tuple.dst_be,
-        orig_addr_be,
-        pkt.port_off(Direction::Ingress),
-        pkt.tuple.dport_be,
-        orig_port_be,
-    )?;
+    rev.flags |= tcp_bits(pkt);
+    let (orig_addr, orig_port) = (rev.orig_addr, rev.orig_port_be);
+    count_flow_packet(rev.stats_slot, rev.addr_slot, Side::In, pkt.len, false);
+    rewrite(ctx, pkt, Direction::Ingress, &orig_addr, orig_port)?;
+    if pkt.frag == Frag::First {
+        frag::record::<F>(FRAG_INGRESS, &pkt.tuple, pkt.frag_id, &orig_addr);
+    }
     count(Counter::IngressTranslated);
     Ok(PASS)
 }
 
 #[inline(always)]
-fn rewrite_source(
+fn rewrite_source<F: Family>(
     ctx: &TcContext,
-    pkt: &Ipv4Packet,
-    addr_be: u32,
+    pkt: &Packet<F>,
+    addr: F::Addr,
     port_be: u16,
 ) -> Result<(), Error> {
-    rewrite(
-        ctx,
-        pkt,
-        IP_SRC_OFF,
-        pkt.tuple.src_be,
-        addr_be,
-        pkt.port_off(Direction::Egress),
-        pkt.tuple.sport_be,
-        port_be,
-    )?;
+    rewrite(ctx, pkt, Direction::Egress, &addr, port_be)?;
     count(Counter::EgressTranslated);
     Ok(())
 }
 
-/// Replace one address and one port, fixing the IP checksum and the L4
-/// checksum (pseudo-header included for TCP/UDP) through the kernel helpers,
-/// which also handle CHECKSUM_PARTIAL skbs from offloading devices (after
-/// samples/bpf/tcbpf1_kern.c). A failure drops the packet, so a
-/// half-rewritten header never leaves.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call per direction, all offsets explicit"
-)]
-#[inline(always)]
-fn rewrite(
+/// Replace the source (egress) or destination (ingress) address and port
+/// of the packet's own headers, fixing the IPv4 header checksum and the L4
+/// checksum (pseudo-header included where the protocol has one) through the
+/// kernel helpers, which also handle CHECKSUM_PARTIAL skbs from offloading
+/// devices (after samples/bpf/tcbpf1_kern.c). A failure drops the packet,
+/// so a half-rewritten header never leaves.
+///
+/// Its own BPF function: the checksum scratch it needs stays out of the
+/// callers' frames.
+#[inline(never)]
+fn rewrite<F: Family>(
     ctx: &TcContext,
-    pkt: &Ipv4Packet,
-    addr_off: usize,
-    old_addr: u32,
-    new_addr: u32,
-    port_off: usize,
-    old_port: u16,
+    pkt: &Packet<F>,
+    direction: Direction,
+    new_addr: &F::Addr,
     new_port: u16,
 ) -> Result<(), Error> {
+    let (field, old_addr, old_port) = match direction {
+        Direction::Egress => (F::SRC, pkt.tuple.src, pkt.tuple.sport_be),
+        Direction::Ingress => (F::DST, pkt.tuple.dst, pkt.tuple.dport_be),
+    };
     let (csum_off, pseudo) = pkt.l4_csum().ok_or(Error::Unsupported)?;
     // A zero UDP checksum means "none" in IPv4: keep it zero, and never turn
     // a real one into zero.
-    let mangled = if pkt.l4 == L4::Udp {
+    let mangled = if pkt.l4 == L4::Udp && F::UDP_CSUM_OPTIONAL {
         u64::from(BPF_F_MARK_MANGLED_0)
     } else {
         0
     };
-    if old_addr != new_addr {
-        ctx.store(addr_off, &new_addr, 0)
+    if old_addr != *new_addr {
+        let csums = Csums {
+            ip: ip_csum::<F>(L3_OFF),
+            pseudo: if pseudo { csum_off } else { 0 },
+            pseudo_flags: mangled,
+            payload: [0, 0],
+        };
+        F::rewrite_addr(ctx, outer(field), old_addr, *new_addr, csums)
             .map_err(|e| failed(ctx, e))?;
-        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_addr), u64::from(new_addr), 4)
-            .map_err(|e| failed(ctx, e))?;
-        if pseudo {
-            ctx.l4_csum_replace(
-                csum_off,
-                u64::from(old_addr),
-                u64::from(new_addr),
-                u64::from(BPF_F_PSEUDO_HDR) | mangled | 4,
-            )
-            .map_err(|e| failed(ctx, e))?;
-        }
     }
     if old_port != new_port {
+        let port_off = pkt.port_off(direction);
         ctx.store(port_off, &new_port, 0)
-            .map_err(|e| failed(ctx, e))?;
+            .map_err(|_| failed(ctx, Error::Rewrite))?;
         ctx.l4_csum_replace(
             csum_off,
             u64::from(old_port),
             u64::from(new_port),
             mangled | 2,
         )
-        .map_err(|e| failed(ctx, e))?;
+        .map_err(|_| failed(ctx, Error::Rewrite))?;
     }
     Ok(())
 }
 
+/// Offset of the IPv4 header checksum of the IP header at `l3` (0 for IPv6).
+#[inline(always)]
+pub fn ip_csum<F: Family>(l3: usize) -> usize {
+    if F::IP_CSUM == 0 { 0 } else { l3 + F::IP_CSUM }
+}
+
 /// A rewrite helper failed: rare enough (it means the skb could not be made
 /// writable) to be worth a log line next to the drop counter.
-#[cold]
-fn failed(ctx: &TcContext, errno: i64) -> Error {
-    error!(ctx, "packet rewrite helper failed: {}", errno);
-    Error::Rewrite
+///
+/// Inlined: as its own BPF function it would add a stack frame to chains
+/// already near the 512-byte limit; and not `#[cold]`, which would move it
+/// to `.text.unlikely.`, whose calls from `.text` aya 0.14 mis-relocates.
+#[inline(always)]
+pub fn failed(ctx: &TcContext, err: Error) -> Error {
+    error!(ctx, "packet rewrite helper failed");
+    err
 }

@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
 //! Counting into the per-CPU maps: the dataplane's only way of reporting.
 
-use egress_common::stats::{Counter, PolicyStats};
+use egress_common::stats::{AddrStats, Counter, PolicyStats};
 
-use crate::maps::{EG_POLICY_STATS, EG_STATS};
+use crate::maps::{EG_ADDR_STATS, EG_POLICY_STATS, EG_STATS};
 
 #[inline(always)]
 pub fn count(counter: Counter) {
@@ -14,31 +14,54 @@ pub fn count(counter: Counter) {
     }
 }
 
-/// Which side of a flow a packet belongs to, for per-policy counters.
+/// Which side of a flow a packet belongs to.
 #[derive(Clone, Copy)]
 pub enum Side {
     Out,
     In,
 }
 
+/// Count a packet against its policy and its egress address.
 #[inline(always)]
-pub fn count_policy(slot: u32, side: Side, bytes: u32, new_flow: bool) {
-    let Some(stats) = EG_POLICY_STATS.get_ptr_mut(slot) else {
-        return;
-    };
-    // SAFETY: per-CPU slot of a preallocated array, see `count`.
-    let stats: &mut PolicyStats = unsafe { &mut *stats };
-    if new_flow {
-        stats.flows += 1;
+pub fn count_flow_packet(policy_slot: u32, addr_slot: u16, side: Side, bytes: u32, new_flow: bool) {
+    if let Some(stats) = EG_POLICY_STATS.get_ptr_mut(policy_slot) {
+        // SAFETY: per-CPU slot of a preallocated array, see `count`.
+        let stats: &mut PolicyStats = unsafe { &mut *stats };
+        stats.flows += u64::from(new_flow);
+        match side {
+            Side::Out => {
+                stats.packets_out += 1;
+                stats.bytes_out += u64::from(bytes);
+            }
+            Side::In => {
+                stats.packets_in += 1;
+                stats.bytes_in += u64::from(bytes);
+            }
+        }
     }
-    match side {
-        Side::Out => {
-            stats.packets_out += 1;
-            stats.bytes_out += u64::from(bytes);
+    if let Some(stats) = EG_ADDR_STATS.get_ptr_mut(u32::from(addr_slot)) {
+        // SAFETY: per-CPU slot of a preallocated array, see `count`.
+        let stats: &mut AddrStats = unsafe { &mut *stats };
+        stats.flows += u64::from(new_flow);
+        match side {
+            Side::Out => {
+                stats.packets_out += 1;
+                stats.bytes_out += u64::from(bytes);
+            }
+            Side::In => {
+                stats.packets_in += 1;
+                stats.bytes_in += u64::from(bytes);
+            }
         }
-        Side::In => {
-            stats.packets_in += 1;
-            stats.bytes_in += u64::from(bytes);
-        }
+    }
+}
+
+/// A new flow found no free port on this egress address.
+#[inline(always)]
+pub fn count_exhausted(addr_slot: u16) {
+    count(Counter::DropPortExhausted);
+    if let Some(stats) = EG_ADDR_STATS.get_ptr_mut(u32::from(addr_slot)) {
+        // SAFETY: per-CPU slot of a preallocated array, see `count`.
+        unsafe { (*stats).exhausted += 1 };
     }
 }

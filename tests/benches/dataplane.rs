@@ -48,7 +48,11 @@ impl Bench {
             ..LoadOptions::default()
         })
         .unwrap_or_else(|e| panic!("loading the dataplane: {e}"));
-        tables::set_local_addrs(dataplane.ebpf_mut(), &[Ipv4Addr::new(203, 0, 113, 1)]).unwrap();
+        tables::set_local_addrs(
+            dataplane.ebpf_mut(),
+            &[Ipv4Addr::new(203, 0, 113, 1).into()],
+        )
+        .unwrap();
         let tables = Tables::new(dataplane.ebpf_mut()).unwrap();
         Self { dataplane, tables }
     }

@@ -12,7 +12,7 @@ use crate::{
         compile::Lookup,
         eval::{Context, Flow, Mismatch},
         geo,
-        model::{Dimension, Egress, Identity, Protocol},
+        model::{Atom, Dimension, Egress, Expr, Identity, Protocol},
     },
 };
 
@@ -34,7 +34,7 @@ fn protocol_number(text: &str) -> anyhow::Result<u8> {
     })
 }
 
-fn describe(dimension: Dimension, ctx: &Context<'_>) -> String {
+fn describe(dimension: Dimension, pred: &Expr, ctx: &Context<'_>) -> String {
     let flow = &ctx.flow;
     match dimension {
         Dimension::Src => format!("source {}", flow.src),
@@ -46,12 +46,36 @@ fn describe(dimension: Dimension, ctx: &Context<'_>) -> String {
         },
         Dimension::Identity => match ctx.identity {
             None => "no identity".to_owned(),
-            Some(id) => format!("user {:?}", id.user),
+            Some(id) => {
+                // Show the facets the failing condition is about.
+                let mut atoms = Vec::new();
+                collect_atoms(pred, &mut atoms);
+                let mut parts = Vec::new();
+                if atoms.iter().any(|a| matches!(a, Atom::User(_))) {
+                    parts.push(format!("user {:?}", id.user));
+                }
+                if atoms.iter().any(|a| matches!(a, Atom::Group(_))) {
+                    parts.push(format!("groups {:?}", id.groups));
+                }
+                if atoms.iter().any(|a| matches!(a, Atom::Posture(_))) {
+                    parts.push(format!("posture {:?}", id.posture));
+                }
+                parts.join(", ")
+            }
         },
         Dimension::Country => match ctx.country {
             Some(c) => format!("country {c}"),
             None => "country unknown".to_owned(),
         },
+    }
+}
+
+fn collect_atoms<'e>(expr: &'e Expr, out: &mut Vec<&'e Atom>) {
+    match expr {
+        Expr::True => {}
+        Expr::Atom(a) => out.push(a),
+        Expr::Not(e) => collect_atoms(e, out),
+        Expr::And(es) | Expr::Or(es) => es.iter().for_each(|e| collect_atoms(e, out)),
     }
 }
 
@@ -82,7 +106,14 @@ pub fn report(set: &PolicySet, args: &ExplainArgs) -> anyhow::Result<String> {
         None => None,
         Some(code) => Some(
             geo::lookup(code)
-                .with_context(|| format!("--country {code:?} is not an ISO 3166-1 alpha-2 code"))?
+                .with_context(|| {
+                    let hint = if code.eq_ignore_ascii_case("UK") {
+                        " (the United Kingdom is GB)"
+                    } else {
+                        ""
+                    };
+                    format!("--country {code:?} is not an ISO 3166-1 alpha-2 code{hint}")
+                })?
                 .0,
         ),
     };
@@ -136,7 +167,7 @@ pub fn report(set: &PolicySet, args: &ExplainArgs) -> anyhow::Result<String> {
             Err(Mismatch::Failed(reasons)) => {
                 let why: Vec<String> = reasons
                     .iter()
-                    .map(|(d, pred)| format!("{pred} is false for {}", describe(*d, &ctx)))
+                    .map(|(d, pred)| format!("{pred} is false for {}", describe(*d, pred, &ctx)))
                     .collect();
                 let _ = match why.len() {
                     0 => writeln!(out, "{head}: no match: its condition is never true"),

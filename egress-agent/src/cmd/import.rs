@@ -2,7 +2,7 @@
 //! egress rules into this project's policy file.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{Ipv4Addr, Ipv6Addr},
 };
 
@@ -47,7 +47,7 @@ struct RuleSettings {
     egress: EgressSettings,
 }
 
-#[derive(Deserialize, Clone, PartialEq, Eq, Hash)]
+#[derive(Deserialize)]
 struct EgressSettings {
     #[serde(default)]
     ipv4: Option<String>,
@@ -136,8 +136,9 @@ pub fn convert(
     rules.sort_by_key(|(_, r)| r.precedence.unwrap_or(i64::MAX));
 
     let mut pools = Map::new();
-    let mut pool_of: HashMap<EgressSettings, String> = HashMap::new();
-    let mut names: HashMap<String, usize> = HashMap::new();
+    // Pools are keyed by what the addresses mean, not how they are spelled.
+    let mut pool_of: HashMap<(Ipv4Addr, Option<Ipv4Addr>, Option<String>), String> = HashMap::new();
+    let mut used_names: HashSet<String> = HashSet::new();
     let mut policies = Vec::with_capacity(rules.len());
     for (path, rule) in &rules {
         let e = &rule.rule_settings.egress;
@@ -157,7 +158,9 @@ pub fn convert(
             None => bail!("{at}.ipv4: missing (use 0.0.0.0 for the shared default egress)"),
             Some(a) if a.is_unspecified() => "default".to_owned(),
             Some(a) => {
-                let name = pool_of.entry(e.clone()).or_insert_with(|| {
+                // A fallback equal to the primary is no fallback.
+                let fallback = fallback.filter(|f| !f.is_unspecified() && *f != a);
+                let name = pool_of.entry((a, fallback, v6.clone())).or_insert_with(|| {
                     let base = format!("egress-{a}");
                     let mut name = base.clone();
                     let mut n = 2;
@@ -166,7 +169,7 @@ pub fn convert(
                         n += 1;
                     }
                     let mut pool = Map::new();
-                    let v4: Vec<String> = [Some(a), fallback.filter(|f| !f.is_unspecified())]
+                    let v4: Vec<String> = [Some(a), fallback]
                         .into_iter()
                         .flatten()
                         .map(|x| x.to_string())
@@ -181,13 +184,15 @@ pub fn convert(
                 name.clone()
             }
         };
-        let count = names.entry(rule.name.clone()).or_insert(0);
-        *count += 1;
-        let name = if *count == 1 {
-            rule.name.clone()
-        } else {
-            format!("{} ({})", rule.name, count)
-        };
+        // Policy names must be unique; later duplicates get a number, one
+        // that no other rule already uses.
+        let mut name = rule.name.clone();
+        let mut n = 2;
+        while used_names.contains(&name) {
+            name = format!("{} ({n})", rule.name);
+            n += 1;
+        }
+        used_names.insert(name.clone());
         let mut policy = Map::new();
         policy.insert("name".into(), json!(name));
         if let Some(p) = rule.precedence {

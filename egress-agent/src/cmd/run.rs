@@ -1,10 +1,16 @@
 //! `egress-agent run`: load the dataplane, apply the policy file, attach to
-//! the uplink, reload on SIGHUP, and detach cleanly on SIGINT/SIGTERM.
+//! the uplink, and keep it right: reload on SIGHUP, expire idle flows, fail
+//! dedicated addresses over, and detach cleanly on SIGINT/SIGTERM.
 
-use std::path::Path;
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::Context as _;
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -12,12 +18,49 @@ use tokio::{
 
 use crate::{
     cli::RunArgs,
+    conntrack::Conntrack,
     counters,
+    health::Monitor,
     loader::{Dataplane, LoadOptions},
     local,
-    policy::{self, PolicySet},
+    policy::{
+        self, Compiled, PolicySet,
+        compile::Lookup,
+        eval::Flow as EvalFlow,
+        model::{Egress, Timeouts},
+    },
     tables::{self, Tables},
 };
+
+/// How often idle flows are looked for: a quarter of the shortest timeout,
+/// between one and thirty seconds.
+fn sweep_every(t: &Timeouts) -> Duration {
+    let shortest = [
+        t.tcp_established,
+        t.tcp_transitory,
+        t.tcp_closed,
+        t.udp,
+        t.icmp,
+    ]
+    .into_iter()
+    .min()
+    .unwrap_or(Duration::from_secs(10));
+    (shortest / 4).clamp(Duration::from_secs(1), Duration::from_secs(30))
+}
+
+/// The running agent's state, owned by the main task.
+struct Agent {
+    config: PathBuf,
+    set: PolicySet,
+    compiled: Compiled,
+    dataplane: Dataplane,
+    tables: Tables,
+    conntrack: Arc<Mutex<Conntrack>>,
+    timeouts: Arc<Mutex<Timeouts>>,
+    monitor: Monitor,
+    local: Vec<IpAddr>,
+    reclassify_on_reload: bool,
+}
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let RunArgs {
@@ -27,6 +70,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         max_classes,
         max_prefixes,
         attach,
+        reclassify_on_reload,
     } = args;
 
     // Validate before touching the kernel: a bad file attaches nothing.
@@ -34,7 +78,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let compiled = policy::compile(&set, &[]);
 
     let mut dataplane = Dataplane::load(&LoadOptions {
-        max_flows,
+        max_flows: max_flows.unwrap_or(set.nat.max_flows),
         classes_per_gen: max_classes,
         max_prefixes,
         ..LoadOptions::default()
@@ -56,11 +100,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         });
     }
 
-    let local = local::ipv4_addrs().context("listing this host's addresses")?;
+    let local = local::addrs().context("listing this host's addresses")?;
     warn_unassigned(&set, &local);
     tables::set_local_addrs(dataplane.ebpf_mut(), &local)
         .context("recording this host's addresses")?;
     let mut tables = Tables::new(dataplane.ebpf_mut()).context("opening the policy maps")?;
+    let conntrack =
+        Conntrack::new(dataplane.ebpf_mut()).context("opening the connection tables")?;
     let report = tables
         .apply(&set, &compiled)
         .context("writing the policy tables")?;
@@ -68,12 +114,30 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .attach(&uplink, attach)
         .with_context(|| format!("attaching to uplink {uplink}"))?;
     info!(
-        "steering on {uplink}: {} policies, {} classes, generation {} ({} map writes)",
+        "steering on {uplink}: {} policies ({} rules, {} classes), generation {} ({} map writes)",
         set.policies.len(),
+        report.rules,
         report.classes,
         report.generation,
         report.writes
     );
+
+    let timeouts = Arc::new(Mutex::new(set.timeouts));
+    let conntrack = Arc::new(Mutex::new(conntrack));
+    let sweeper = tokio::spawn(sweep_forever(Arc::clone(&conntrack), Arc::clone(&timeouts)));
+    let mut health_every = tokio::time::interval(set.health.interval);
+    let mut agent = Agent {
+        config,
+        set,
+        compiled,
+        dataplane,
+        tables,
+        conntrack,
+        timeouts,
+        monitor: Monitor::default(),
+        local,
+        reclassify_on_reload,
+    };
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -82,74 +146,241 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
-            _ = sighup.recv() => reload(&config, &mut tables),
+            _ = sighup.recv() => {
+                let interval = agent.set.health.interval;
+                agent.reload();
+                if agent.set.health.interval != interval {
+                    health_every = tokio::time::interval(agent.set.health.interval);
+                }
+            }
+            _ = health_every.tick() => agent.health_round().await,
         }
     }
 
+    sweeper.abort();
     info!("stopping: detaching from {uplink}");
-    log_counters(&mut dataplane, &tables);
-    dataplane.detach();
+    agent.log_counters();
+    agent.dataplane.detach();
     Ok(())
 }
 
-/// Replace the running policy set with the file's, or keep it when the file
-/// is rejected.
-fn reload(config: &Path, tables: &mut Tables) {
-    let set = match policy::load(config) {
-        Ok(set) => set,
-        Err(err) => {
-            error!(
-                "reload rejected, previous policies stay in force: {}: {err}",
-                config.display()
-            );
-            return;
+/// Expire idle flows, forever (a blocking walk of the tables, off the main task).
+async fn sweep_forever(conntrack: Arc<Mutex<Conntrack>>, timeouts: Arc<Mutex<Timeouts>>) {
+    loop {
+        let t = *timeouts.lock().expect("timeouts lock");
+        tokio::time::sleep(sweep_every(&t)).await;
+        let conntrack = Arc::clone(&conntrack);
+        let report = tokio::task::spawn_blocking(move || {
+            conntrack.lock().expect("conntrack lock").sweep(&t)
+        })
+        .await;
+        match report {
+            Ok(r) if r.expired + r.orphans > 0 => {
+                debug!(
+                    "expired {} idle flows ({} stray reverse entries); {} active",
+                    r.expired, r.orphans, r.active
+                )
+            }
+            Ok(_) => {}
+            Err(e) => error!("flow sweeper failed: {e}"),
         }
-    };
-    let compiled = policy::compile(&set, &[]);
-    match tables.apply(&set, &compiled) {
-        Ok(report) => info!(
-            "reloaded {}: {} policies, generation {} ({} writes, {} deletes)",
-            config.display(),
-            set.policies.len(),
-            report.generation,
-            report.writes,
-            report.deletes
-        ),
-        Err(err) => error!("reload rejected, previous policies stay in force: {err}"),
     }
 }
 
-fn warn_unassigned(set: &PolicySet, local: &[std::net::Ipv4Addr]) {
+/// Whether `addr` is one of the set's egress addresses (or in an IPv6 range).
+fn is_egress(set: &PolicySet, addr: IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(a) => {
+            a == set.default_egress.ipv4 || set.pools.iter().any(|p| p.ipv4.contains(&a))
+        }
+        IpAddr::V6(a) => {
+            set.default_egress.ipv6 == Some(a)
+                || set
+                    .pools
+                    .iter()
+                    .any(|p| p.ipv6.is_some_and(|n| n.contains(&a)))
+        }
+    }
+}
+
+impl Agent {
+    /// Replace the running policy set with the file's, or keep it when the
+    /// file is rejected.
+    fn reload(&mut self) {
+        let config = self.config.display();
+        let set = match policy::load(&self.config) {
+            Ok(set) => set,
+            Err(err) => {
+                error!("reload rejected, previous policies stay in force: {config}: {err}");
+                return;
+            }
+        };
+        let compiled = policy::compile(&set, &[]);
+        let report = match self.tables.apply(&set, &compiled) {
+            Ok(report) => report,
+            Err(err) => {
+                error!("reload rejected, previous policies stay in force: {err}");
+                return;
+            }
+        };
+        // Established flows keep their translation, unless their egress
+        // address is gone (or the operator asked for re-evaluation).
+        let mut conntrack = self.conntrack.lock().expect("conntrack lock");
+        let removed = conntrack.flush(&|addr| !is_egress(&set, addr));
+        let reclassified = if self.reclassify_on_reload {
+            conntrack.flush_flows(&|flow| {
+                let lookup = Lookup {
+                    flow: EvalFlow {
+                        src: flow.src,
+                        dst: flow.dst,
+                        proto: flow.protocol,
+                        dst_port: flow.dport,
+                    },
+                    identity: flow.identity,
+                    country: 0,
+                };
+                let egress = compiled
+                    .classify(&lookup)
+                    .map_or(Egress::Default, |i| set.policies[i].action.egress);
+                !leaves_as(&set, egress, flow.nat_addr, flow.flags)
+            })
+        } else {
+            0
+        };
+        drop(conntrack);
+        *self.timeouts.lock().expect("timeouts lock") = set.timeouts;
+        info!(
+            "reloaded {config}: {} policies, generation {} ({} writes, {} deletes); ended {} flows whose egress address was removed{}",
+            set.policies.len(),
+            report.generation,
+            report.writes,
+            report.deletes,
+            removed,
+            if self.reclassify_on_reload {
+                format!(", {reclassified} re-classified elsewhere")
+            } else {
+                String::new()
+            }
+        );
+        self.set = set;
+        self.compiled = compiled;
+    }
+
+    /// One health round: fail pools over from addresses that went down (and
+    /// end the flows on them, so clients reconnect), back when they recover.
+    async fn health_round(&mut self) {
+        let local = match local::addrs() {
+            Ok(local) => local,
+            Err(err) => {
+                warn!("listing this host's addresses: {err}");
+                return;
+            }
+        };
+        if local != self.local {
+            if let Err(err) = tables::set_local_addrs(self.dataplane.ebpf_mut(), &local) {
+                warn!("recording this host's addresses: {err}");
+            }
+            self.local = local.clone();
+        }
+        let mut dedicated: Vec<Ipv4Addr> = self
+            .set
+            .pools
+            .iter()
+            .flat_map(|p| p.ipv4.iter().copied())
+            .collect();
+        dedicated.sort();
+        dedicated.dedup();
+        let changes = self
+            .monitor
+            .round(&self.set.health, &dedicated, &local)
+            .await;
+        if changes.is_empty() {
+            return;
+        }
+        if let Err(err) = self.tables.set_down(&self.monitor.down()) {
+            error!("updating pool health: {err}");
+            return;
+        }
+        for (addr, up) in changes {
+            if up {
+                info!("egress address {addr} is up again: its pools use it for new flows");
+            } else {
+                let ended = self
+                    .conntrack
+                    .lock()
+                    .expect("conntrack lock")
+                    .flush(&|a| a == IpAddr::V4(addr));
+                warn!(
+                    "egress address {addr} is down: new flows move to the next usable address; {ended} flows on it ended"
+                );
+            }
+        }
+    }
+
+    fn log_counters(&mut self) {
+        match counters::read(self.dataplane.ebpf_mut()) {
+            Ok(values) => {
+                let nonzero: Vec<String> = values
+                    .iter()
+                    .filter(|(_, _, v)| *v != 0)
+                    .map(|(_, name, v)| format!("{name}={v}"))
+                    .collect();
+                info!("counters: {}", nonzero.join(" "));
+            }
+            Err(err) => warn!("reading counters: {err}"),
+        }
+        for p in self.tables.active_policies() {
+            if let Ok(s) = self.tables.policy_stats(p.stats_slot) {
+                info!(
+                    "policy {:?}: flows={} packets_out={} bytes_out={} packets_in={} bytes_in={}",
+                    p.name, s.flows, s.packets_out, s.bytes_out, s.packets_in, s.bytes_in
+                );
+            }
+        }
+        if let Ok(addrs) = self.tables.addr_stats() {
+            for (addr, s) in addrs {
+                info!(
+                    "egress {addr}: flows={} exhausted={} packets_out={} bytes_out={} packets_in={} bytes_in={}",
+                    s.flows, s.exhausted, s.packets_out, s.bytes_out, s.packets_in, s.bytes_in
+                );
+            }
+        }
+    }
+}
+
+/// Whether a flow translated to `nat_addr` (with `flags`) leaves the way
+/// `egress` says.
+fn leaves_as(set: &PolicySet, egress: Egress, nat_addr: IpAddr, flags: u16) -> bool {
+    use egress_common::conntrack::{CT_F_LOCAL, CT_F_PASS};
+    if flags & CT_F_LOCAL != 0 {
+        return true;
+    }
+    match egress {
+        Egress::Bypass => flags & CT_F_PASS != 0,
+        _ if flags & CT_F_PASS != 0 => false,
+        Egress::Default => match nat_addr {
+            IpAddr::V4(a) => a == set.default_egress.ipv4,
+            IpAddr::V6(a) => set.default_egress.ipv6 == Some(a),
+        },
+        Egress::Pool(k) => {
+            let pool = &set.pools[k];
+            match nat_addr {
+                IpAddr::V4(a) => pool.ipv4.contains(&a),
+                IpAddr::V6(a) => pool.ipv6.is_some_and(|n| n.contains(&a)),
+            }
+        }
+    }
+}
+
+fn warn_unassigned(set: &PolicySet, local: &[IpAddr]) {
     let pools = set
         .pools
         .iter()
         .flat_map(|p| p.ipv4.iter().map(move |a| (p.name.as_str(), *a)));
     for (pool, addr) in std::iter::once(("default", set.default_egress.ipv4)).chain(pools) {
-        if !local.contains(&addr) {
+        if !local.contains(&IpAddr::V4(addr)) {
             warn!(
-                "egress address {addr} (pool {pool}) is not assigned to this host: replies reach it only if the upstream routes it here"
-            );
-        }
-    }
-}
-
-fn log_counters(dataplane: &mut Dataplane, tables: &Tables) {
-    match counters::read(dataplane.ebpf_mut()) {
-        Ok(values) => {
-            let nonzero: Vec<String> = values
-                .iter()
-                .filter(|(_, _, v)| *v != 0)
-                .map(|(_, name, v)| format!("{name}={v}"))
-                .collect();
-            info!("counters: {}", nonzero.join(" "));
-        }
-        Err(err) => warn!("reading counters: {err}"),
-    }
-    for p in tables.active_policies() {
-        if let Ok(s) = tables.policy_stats(p.stats_slot) {
-            info!(
-                "policy {:?}: flows={} packets_out={} bytes_out={} packets_in={} bytes_in={}",
-                p.name, s.flows, s.packets_out, s.bytes_out, s.packets_in, s.bytes_in
+                "egress address {addr} (pool {pool}) is not assigned to this host: replies reach it only if the upstream routes it here (use \"health\": {{\"check\": \"none\"}} for routed addresses)"
             );
         }
     }

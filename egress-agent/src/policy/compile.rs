@@ -19,7 +19,8 @@ use std::{
 
 use egress_common::classify::{
     ACTION_BYPASS, ACTION_TRANSLATE, COUNTRY_SLOTS, ClassRow, DEFAULT_IDENTITY_SLOTS, NO_MATCH,
-    POOL_MAX_V4, PORT_SLOT_ICMP, PORT_SLOT_ICMPV6, PORT_SLOT_OTHER, PORT_SLOT_TCP, PORT_SLOT_UDP,
+    POOL_DOWN_DEFAULT, POOL_DOWN_DROP, POOL_MAX_V4, POOL_MODE_FAILOVER, POOL_MODE_SPREAD,
+    PORT_SLOT_ICMP, PORT_SLOT_ICMPV6, PORT_SLOT_OTHER, PORT_SLOT_TCP, PORT_SLOT_UDP,
     PORT_SLOTS_PER_GEN, Pool, Settings, first_match,
 };
 use fixedbitset::FixedBitSet;
@@ -29,7 +30,7 @@ use super::{
     dnf::Conjunction,
     eval::Flow,
     geo,
-    model::{Atom, Dimension, Egress, Expr, Identity, PolicySet, Protocol},
+    model::{Atom, Dimension, Egress, Expr, Identity, PolicySet, PoolMode, Protocol, WhenDown},
 };
 
 /// What the dataplane does with a rule's flows, before counter slots are assigned.
@@ -139,8 +140,18 @@ pub fn compile(set: &PolicySet, identities: &[Identity]) -> Compiled {
     let identities = identity_classes(&rules, identities, &mut interner);
     let countries = country_classes(&rules, &mut interner);
 
-    let mut pools = vec![pool_v4(&[set.default_egress.ipv4])];
-    pools.extend(set.pools.iter().map(|p| pool_v4(&p.ipv4)));
+    let default_v6 = set.default_egress.ipv6.map(Ipv6Net::from);
+    let mut pools = vec![pool(
+        &[set.default_egress.ipv4],
+        default_v6,
+        PoolMode::Failover,
+        WhenDown::Drop,
+    )];
+    pools.extend(
+        set.pools
+            .iter()
+            .map(|p| pool(&p.ipv4, p.ipv6, p.mode, p.when_down)),
+    );
 
     Compiled {
         src4,
@@ -171,14 +182,40 @@ fn action_spec(egress: Egress, mark: Option<u32>) -> ActionSpec {
     ActionSpec { kind, pool, mark }
 }
 
-fn pool_v4(addrs: &[Ipv4Addr]) -> Pool {
+/// A pool in dataplane form. Counter slots are left at 0 for `tables.rs`,
+/// which keeps them stable per address across reloads.
+fn pool(ipv4: &[Ipv4Addr], ipv6: Option<Ipv6Net>, mode: PoolMode, when_down: WhenDown) -> Pool {
     let mut pool = Pool::default();
-    for (slot, addr) in pool.v4_be.iter_mut().zip(addrs) {
+    for (slot, addr) in pool.v4.iter_mut().zip(ipv4) {
         *slot = u32::from(*addr).to_be();
     }
-    pool.v4_count = addrs.len().min(POOL_MAX_V4) as u8;
+    pool.v4_count = ipv4.len().min(POOL_MAX_V4) as u8;
     // Every address starts usable; health checks clear bits.
     pool.v4_up = (1u32 << pool.v4_count) - 1;
+    if let Some(net) = ipv6 {
+        let words = |a: u128| {
+            [
+                ((a >> 96) as u32).to_be(),
+                ((a >> 64) as u32).to_be(),
+                ((a >> 32) as u32).to_be(),
+                (a as u32).to_be(),
+            ]
+        };
+        let host = u128::MAX
+            .checked_shr(u32::from(net.prefix_len()))
+            .unwrap_or(0);
+        pool.v6_net = words(u128::from(net.network()));
+        pool.v6_host_mask = words(host);
+        pool.has_v6 = 1;
+    }
+    pool.mode = match mode {
+        PoolMode::Failover => POOL_MODE_FAILOVER,
+        PoolMode::Spread => POOL_MODE_SPREAD,
+    };
+    pool.when_down = match when_down {
+        WhenDown::Drop => POOL_DOWN_DROP,
+        WhenDown::Default => POOL_DOWN_DEFAULT,
+    };
     pool
 }
 

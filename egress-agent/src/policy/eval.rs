@@ -120,10 +120,22 @@ impl Policy {
                     c.preds
                         .iter()
                         .find(|(_, pred)| !pred.eval(ctx))
-                        .map(|(d, p)| (*d, p.clone()))
+                        .map(|(d, p)| (*d, first_false(p, ctx).clone()))
                 })
                 .collect(),
         ))
+    }
+}
+
+/// The smallest part of a false predicate that makes it false: inside an
+/// `and`, its first false member (recursively); otherwise the predicate.
+fn first_false<'e>(pred: &'e Expr, ctx: &Context<'_>) -> &'e Expr {
+    match pred {
+        Expr::And(parts) => parts
+            .iter()
+            .find(|p| !p.eval(ctx))
+            .map_or(pred, |p| first_false(p, ctx)),
+        _ => pred,
     }
 }
 

@@ -272,13 +272,37 @@ impl Policy {
     }
 }
 
+/// How a pool with several IPv4 addresses hands them to new flows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PoolMode {
+    /// The first usable address, in list order (primary, then secondary...).
+    #[default]
+    Failover,
+    /// New flows hashed over every usable address.
+    Spread,
+}
+
+/// What happens to a pool's new flows when none of its addresses is usable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WhenDown {
+    /// Fail closed: drop them (and count it); never leak them elsewhere.
+    #[default]
+    Drop,
+    /// Fall back to the shared default egress.
+    Default,
+}
+
 /// A named set of dedicated egress addresses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pool {
     pub name: String,
     /// In preference order: the first is the primary, the second the secondary.
     pub ipv4: Vec<Ipv4Addr>,
+    /// IPv6 flows leave from an address in this range, fixed per user (or
+    /// per source without identity).
     pub ipv6: Option<Ipv6Net>,
+    pub mode: PoolMode,
+    pub when_down: WhenDown,
 }
 
 /// The shared default egress.
@@ -293,6 +317,9 @@ pub struct DefaultEgress {
 pub struct Nat {
     /// Range searched for a translated port when a flow's own port is taken.
     pub port_range: PortRange,
+    /// Flows each connection table holds (read at start; a change applies
+    /// after a restart).
+    pub max_flows: u32,
 }
 
 impl Default for Nat {
@@ -302,6 +329,35 @@ impl Default for Nat {
                 first: 1024,
                 last: 65535,
             },
+            max_flows: egress_common::maps::DEFAULT_MAX_FLOWS,
+        }
+    }
+}
+
+/// Idle time after which a flow is forgotten (its mapping freed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP with replies seen and no FIN/RST (RFC 5382: at least 2 h 4 min).
+    pub tcp_established: std::time::Duration,
+    /// TCP opening (no reply yet) or closing (FIN seen) (RFC 5382: 4 min).
+    pub tcp_transitory: std::time::Duration,
+    /// TCP after a RST.
+    pub tcp_closed: std::time::Duration,
+    /// UDP (RFC 4787: at least 2 min, 5 min recommended).
+    pub udp: std::time::Duration,
+    /// ICMP echo (RFC 5508: at least 60 s).
+    pub icmp: std::time::Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        use std::time::Duration;
+        Self {
+            tcp_established: Duration::from_secs(7440),
+            tcp_transitory: Duration::from_secs(240),
+            tcp_closed: Duration::from_secs(10),
+            udp: Duration::from_secs(300),
+            icmp: Duration::from_secs(60),
         }
     }
 }
@@ -313,6 +369,42 @@ pub struct PolicySet {
     pub default_egress: DefaultEgress,
     pub policies: Vec<Policy>,
     pub nat: Nat,
+    pub timeouts: Timeouts,
+    pub health: Health,
+}
+
+/// How the agent decides that a dedicated IPv4 address is usable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HealthCheck {
+    /// Usable while it is assigned to an interface of the gateway.
+    #[default]
+    Address,
+    /// Assigned, and a TCP connection from it to the probe target succeeds.
+    Probe(std::net::SocketAddr),
+    /// Always usable (addresses routed to the gateway, not assigned to it).
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Health {
+    pub check: HealthCheck,
+    /// Time between checks.
+    pub interval: std::time::Duration,
+    /// Consecutive failed probes before an address is down.
+    pub fall: u32,
+    /// Consecutive good probes before it is up again.
+    pub rise: u32,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            check: HealthCheck::Address,
+            interval: std::time::Duration::from_secs(1),
+            fall: 2,
+            rise: 2,
+        }
+    }
 }
 
 impl PolicySet {

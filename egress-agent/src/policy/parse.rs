@@ -21,8 +21,8 @@ use super::{
     expr::{self, ExprKind},
     geo,
     model::{
-        Action, Atom, Continent, CountryCode, DefaultEgress, Egress, Expr, Nat, Policy, PolicySet,
-        Pool, PortRange, Protocol,
+        Action, Atom, Continent, CountryCode, DefaultEgress, Egress, Expr, Health, HealthCheck,
+        Nat, Policy, PolicySet, Pool, PoolMode, PortRange, Protocol, Timeouts, WhenDown,
     },
 };
 
@@ -113,6 +113,26 @@ struct FileJson {
     policies: Vec<PolicyJson>,
     #[serde(default)]
     nat: NatJson,
+    #[serde(default)]
+    timeouts: TimeoutsJson,
+    #[serde(default)]
+    health: HealthJson,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct HealthJson {
+    /// "address" (default), "probe" or "none".
+    #[serde(default)]
+    check: Option<String>,
+    #[serde(default)]
+    probe: Option<String>,
+    #[serde(default)]
+    interval: Option<Seconds>,
+    #[serde(default)]
+    fall: Option<u32>,
+    #[serde(default)]
+    rise: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -122,6 +142,26 @@ struct PoolJson {
     ipv4: Vec<Ipv4Addr>,
     #[serde(default)]
     ipv6: Option<Cidr>,
+    #[serde(default)]
+    mode: ModeJson,
+    #[serde(default)]
+    when_down: WhenDownJson,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+enum ModeJson {
+    #[default]
+    Failover,
+    Spread,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+enum WhenDownJson {
+    #[default]
+    Drop,
+    Default,
 }
 
 #[derive(Deserialize)]
@@ -309,6 +349,52 @@ struct ActionJson {
 struct NatJson {
     #[serde(default)]
     port_range: Option<PortRange>,
+    #[serde(default)]
+    max_flows: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TimeoutsJson {
+    #[serde(default)]
+    tcp_established: Option<Seconds>,
+    #[serde(default)]
+    tcp_transitory: Option<Seconds>,
+    #[serde(default)]
+    tcp_closed: Option<Seconds>,
+    #[serde(default)]
+    udp: Option<Seconds>,
+    #[serde(default)]
+    icmp: Option<Seconds>,
+}
+
+/// A duration: a number of seconds, or text like "2h4m" or "90s".
+struct Seconds(std::time::Duration);
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Seconds;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number of seconds or a duration like \"2h4m\"")
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Seconds, E> {
+                Ok(Seconds(std::time::Duration::from_secs(n)))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Seconds, E> {
+                Err(E::custom(format!(
+                    "invalid duration {n}: must not be negative"
+                )))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Seconds, E> {
+                humantime::parse_duration(s)
+                    .map(Seconds)
+                    .map_err(|e| E::custom(format!("invalid duration {s:?}: {e}")))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// An address or CIDR as written in the file; a bare address is a host prefix.
@@ -483,6 +569,68 @@ fn check_unicast(path: &str, addr: Ipv4Addr) -> Result<(), PolicyError> {
     Ok(())
 }
 
+impl HealthJson {
+    fn validate(&self) -> Result<Health, PolicyError> {
+        let mut health = Health::default();
+        let probe = match &self.probe {
+            None => None,
+            Some(text) => Some(text.parse::<std::net::SocketAddr>().map_err(|_| {
+                PolicyError::invalid(
+                    "health.probe",
+                    format!("{text:?} is not an address:port (e.g. \"198.51.100.1:443\")"),
+                )
+            })?),
+        };
+        health.check = match (self.check.as_deref(), probe) {
+            (None | Some("address"), None) => HealthCheck::Address,
+            (None | Some("probe"), Some(target)) => HealthCheck::Probe(target),
+            (Some("probe"), None) => {
+                return Err(PolicyError::invalid(
+                    "health.probe",
+                    "check \"probe\" needs a probe target (address:port)",
+                ));
+            }
+            (Some("none"), None) => HealthCheck::None,
+            (Some(other @ ("address" | "none")), Some(_)) => {
+                return Err(PolicyError::invalid(
+                    "health.probe",
+                    format!("a probe target is only used with check \"probe\", not {other:?}"),
+                ));
+            }
+            (Some(other), _) => {
+                return Err(PolicyError::invalid(
+                    "health.check",
+                    format!("unknown check {other:?}: expected \"address\", \"probe\" or \"none\""),
+                ));
+            }
+        };
+        if let Some(Seconds(d)) = self.interval {
+            if d < std::time::Duration::from_millis(100) || d > std::time::Duration::from_secs(60) {
+                return Err(PolicyError::invalid(
+                    "health.interval",
+                    format!("{} is outside 100ms-60s", humantime::format_duration(d)),
+                ));
+            }
+            health.interval = d;
+        }
+        for (field, value, slot) in [
+            ("fall", self.fall, &mut health.fall),
+            ("rise", self.rise, &mut health.rise),
+        ] {
+            if let Some(n) = value {
+                if !(1..=10).contains(&n) {
+                    return Err(PolicyError::invalid(
+                        format!("health.{field}"),
+                        format!("{n} is outside 1-10"),
+                    ));
+                }
+                *slot = n;
+            }
+        }
+        Ok(health)
+    }
+}
+
 impl PolicyJson {
     /// The selector and the expressions, ANDed, as one condition.
     fn matcher(&self, path: &str) -> Result<Expr, PolicyError> {
@@ -600,6 +748,14 @@ impl FileJson {
                 name,
                 ipv4: pool.ipv4,
                 ipv6,
+                mode: match pool.mode {
+                    ModeJson::Failover => PoolMode::Failover,
+                    ModeJson::Spread => PoolMode::Spread,
+                },
+                when_down: match pool.when_down {
+                    WhenDownJson::Drop => WhenDown::Drop,
+                    WhenDownJson::Default => WhenDown::Default,
+                },
             });
         }
 
@@ -675,22 +831,68 @@ impl FileJson {
                 ),
             ));
         }
-        let nat = match self.nat.port_range {
-            None => Nat::default(),
+        let mut nat = Nat::default();
+        match self.nat.port_range {
+            None => {}
             Some(range) if range.first == 0 => {
                 return Err(PolicyError::invalid(
                     "nat.port_range",
                     "port 0 cannot be a translated source port; start at 1 or above",
                 ));
             }
-            Some(port_range) => Nat { port_range },
-        };
+            Some(range) => nat.port_range = range,
+        }
+        if let Some(max_flows) = self.nat.max_flows {
+            if !(1024..=(1 << 26)).contains(&max_flows) {
+                return Err(PolicyError::invalid(
+                    "nat.max_flows",
+                    format!("{max_flows} is outside 1024-{}", 1u32 << 26),
+                ));
+            }
+            nat.max_flows = max_flows;
+        }
+        let mut timeouts = Timeouts::default();
+        for (field, value, slot) in [
+            (
+                "tcp_established",
+                self.timeouts.tcp_established,
+                &mut timeouts.tcp_established,
+            ),
+            (
+                "tcp_transitory",
+                self.timeouts.tcp_transitory,
+                &mut timeouts.tcp_transitory,
+            ),
+            (
+                "tcp_closed",
+                self.timeouts.tcp_closed,
+                &mut timeouts.tcp_closed,
+            ),
+            ("udp", self.timeouts.udp, &mut timeouts.udp),
+            ("icmp", self.timeouts.icmp, &mut timeouts.icmp),
+        ] {
+            if let Some(Seconds(d)) = value {
+                if d < std::time::Duration::from_secs(1)
+                    || d > std::time::Duration::from_secs(7 * 86400)
+                {
+                    return Err(PolicyError::invalid(
+                        format!("timeouts.{field}"),
+                        format!("{} is outside 1s-7days", humantime::format_duration(d)),
+                    ));
+                }
+                *slot = d;
+            }
+        }
+
+        let health = self.health.validate()?;
 
         Ok(PolicySet {
             pools,
             default_egress,
             policies,
             nat,
+            timeouts,
+            health,
         })
     }
 }

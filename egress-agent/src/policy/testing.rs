@@ -183,6 +183,8 @@ pub fn policy_set(max_policies: usize) -> impl Strategy<Value = PolicySet> {
                     name: format!("pool{i}"),
                     ipv4: vec![Ipv4Addr::new(203, 0, 113, 10 + i)],
                     ipv6: None,
+                    mode: Default::default(),
+                    when_down: Default::default(),
                 })
                 .collect(),
             default_egress: DefaultEgress {
@@ -191,6 +193,8 @@ pub fn policy_set(max_policies: usize) -> impl Strategy<Value = PolicySet> {
             },
             policies,
             nat: Nat::default(),
+            timeouts: Default::default(),
+            health: Default::default(),
         }
     })
 }

@@ -152,3 +152,63 @@ pub fn checked(bytes: &[u8]) -> Summary {
 pub fn udp_checksum(bytes: &[u8]) -> u16 {
     u16::from_be_bytes([bytes[14 + 20 + 6], bytes[14 + 20 + 7]])
 }
+
+/// The fragments of an IPv4 UDP datagram (identification `id`), the first
+/// carrying `first_len` bytes of the UDP datagram (a multiple of 8).
+pub fn udp_fragments(
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    id: u16,
+    payload: &[u8],
+    first_len: usize,
+) -> [Vec<u8>; 2] {
+    assert_eq!(first_len % 8, 0, "fragment offsets count 8-byte units");
+    let whole = udp(src, dst, payload);
+    let datagram = &whole[14 + 20..];
+    let piece = |bytes: &[u8], offset: usize, more: bool| {
+        let mut ip = etherparse::Ipv4Header::new(
+            bytes.len() as u16,
+            64,
+            etherparse::IpNumber::UDP,
+            src.ip().octets(),
+            dst.ip().octets(),
+        )
+        .unwrap();
+        ip.identification = id;
+        ip.more_fragments = more;
+        ip.dont_fragment = false;
+        ip.fragment_offset = etherparse::IpFragOffset::try_new((offset / 8) as u16).unwrap();
+        ip.header_checksum = ip.calc_header_checksum();
+        let mut out = whole[..14].to_vec();
+        ip.write(&mut out).unwrap();
+        out.extend_from_slice(bytes);
+        out
+    };
+    [
+        piece(&datagram[..first_len], 0, true),
+        piece(&datagram[first_len..], first_len, false),
+    ]
+}
+
+/// Put IPv4 fragments (as they came out) back together into one frame, for
+/// checking the datagram's checksum; asserts each fragment's header checksum.
+pub fn reassemble(fragments: &[&[u8]]) -> Vec<u8> {
+    let mut out = fragments[0][..14 + 20].to_vec();
+    for frag in fragments {
+        let (ip, _) = etherparse::Ipv4Header::from_slice(&frag[14..]).unwrap();
+        assert_eq!(
+            ip.header_checksum,
+            ip.calc_header_checksum(),
+            "every fragment's header checksum must verify"
+        );
+        out.extend_from_slice(&frag[14 + 20..]);
+    }
+    let total = (out.len() - 14) as u16;
+    out[14 + 2..14 + 4].copy_from_slice(&total.to_be_bytes());
+    out[14 + 6] = 0;
+    out[14 + 7] = 0;
+    let (mut ip, _) = etherparse::Ipv4Header::from_slice(&out[14..]).unwrap();
+    ip.header_checksum = ip.calc_header_checksum();
+    out[14 + 10..14 + 12].copy_from_slice(&ip.header_checksum.to_be_bytes());
+    out
+}

@@ -53,7 +53,7 @@ impl Dp {
             ..LoadOptions::default()
         })
         .unwrap_or_else(|e| panic!("loading the dataplane: {e}"));
-        tables::set_local_addrs(dataplane.ebpf_mut(), &[GW_UPLINK]).unwrap();
+        tables::set_local_addrs(dataplane.ebpf_mut(), &[GW_UPLINK.into()]).unwrap();
         let tables = Tables::new(dataplane.ebpf_mut()).unwrap();
         let mut dp = Self { dataplane, tables };
         dp.apply(policies);
@@ -381,13 +381,64 @@ fn snat_truncated_tcp_header_dropped_and_counted() {
 }
 
 #[test]
-fn snat_fragment_dropped_and_counted() {
+fn frag_fragments_of_translated_datagram_all_translated_consistently() {
     let mut dp = Dp::new(EXAMPLE);
-    let mut input = packet::udp(sa(CLIENT, 7001), sa(SERVER_PUBLIC, 53), b"frag");
-    input[14 + 6] |= 0x20; // more fragments
-    let (verdict, _) = dp.egress(&input);
-    assert_eq!(verdict, TC_ACT_SHOT, "fragments cannot be translated yet");
+    let client = sa(CLIENT, 7001);
+    let server = sa(SERVER_PARTNER, 8080);
+    let payload: Vec<u8> = (0..200u8).collect();
+    let [first, second] = packet::udp_fragments(client, server, 0x1234, &payload, 96);
+    let (v1, out1) = dp.egress(&first);
+    let (v2, out2) = dp.egress(&second);
+    assert_eq!((v1, v2), (TC_ACT_OK, TC_ACT_OK), "both fragments must pass");
+    let whole = packet::reassemble(&[&out1, &out2]);
+    let got = packet::checked(&whole);
+    assert_eq!(
+        got.src,
+        sa(DEDICATED_PRIMARY, 7001),
+        "the reassembled datagram leaves from the dedicated address, its UDP checksum valid"
+    );
+    assert_eq!(&whole[14 + 20 + 8..], payload.as_slice(), "payload intact");
+    assert_eq!(
+        dp.counter(Counter::FragmentsTranslated),
+        1,
+        "the later fragment was translated"
+    );
+
+    // The reply comes back fragmented too.
+    let [r1, r2] = packet::udp_fragments(server, sa(DEDICATED_PRIMARY, 7001), 0x4321, &payload, 64);
+    let (_, back1) = dp.ingress(&r1);
+    let (_, back2) = dp.ingress(&r2);
+    let whole = packet::reassemble(&[&back1, &back2]);
+    assert_eq!(
+        packet::checked(&whole).dst,
+        client,
+        "the reassembled reply reaches the client"
+    );
+}
+
+#[test]
+fn frag_later_fragment_without_first_dropped_and_counted() {
+    let mut dp = Dp::new(EXAMPLE);
+    let payload: Vec<u8> = (0..100u8).collect();
+    let [_, second] = packet::udp_fragments(
+        sa(CLIENT, 7002),
+        sa(SERVER_PUBLIC, 53),
+        0x5555,
+        &payload,
+        48,
+    );
+    let (verdict, _) = dp.egress(&second);
+    assert_eq!(
+        verdict, TC_ACT_SHOT,
+        "a fragment whose datagram is unknown must not leak"
+    );
     assert_eq!(dp.counter(Counter::DropFragment), 1);
+    let (verdict, out) = dp.ingress(&second);
+    assert_eq!(
+        verdict, TC_ACT_OK,
+        "on ingress it belongs to no translated flow: untouched"
+    );
+    assert_eq!(out, second);
 }
 
 #[test]
@@ -534,7 +585,7 @@ fn snat_no_policy_matches_uses_default_egress() {
     let rev = dp
         .rev(&tuple(sa(GW_UPLINK, 42000), server, proto::TCP))
         .expect("reverse entry");
-    assert_eq!(rev.orig_addr_be, u32::from(CLIENT).to_be());
+    assert_eq!(rev.orig_addr, u32::from(CLIENT).to_be());
 }
 
 /// Build the first packet of `flow` (TCP, UDP or ICMP echo) from `sport`.
@@ -554,6 +605,7 @@ fn classify_random_policy_sets_kernel_agrees_with_reference() {
     use std::{collections::HashMap, net::IpAddr};
 
     use egress_agent::policy::{eval::Context, geo, testing};
+    use egress_common::classify::IdentityRef;
     use ipnet::IpNet;
     use proptest::{
         strategy::{Strategy as _, ValueTree as _},
@@ -590,7 +642,10 @@ fn classify_random_policy_sets_kernel_agrees_with_reference() {
             }
         }
         let host = |a: &IpAddr| IpNet::from(*a);
-        let ids: Vec<(IpNet, u32)> = identity_of.iter().map(|(a, id)| (host(a), *id)).collect();
+        let ids: Vec<(IpNet, IdentityRef)> = identity_of
+            .iter()
+            .map(|(a, id)| (host(a), IdentityRef { id: *id, key: *id }))
+            .collect();
         let geo_entries: Vec<(IpNet, u16)> =
             country_of.iter().map(|(a, c)| (host(a), *c)).collect();
         tables::set_identity_addrs(dp.dataplane.ebpf_mut(), &ids).unwrap();

@@ -1,0 +1,398 @@
+//! The connection tables from userspace: expiring idle flows (the sweeper),
+//! flushing flows by egress address, and listing them.
+//!
+//! A translated flow has an entry in each direction's table; they are
+//! removed together (outgoing first, so a new packet of the flow makes a
+//! fresh translation instead of reusing a half-removed one). Reverse
+//! entries left without their outgoing half are removed too.
+
+use std::{hash::Hash, net::IpAddr, time::Duration};
+
+use aya::{
+    Ebpf, Pod,
+    maps::{HashMap, MapData, MapError},
+};
+use egress_common::{
+    conntrack::{
+        CT_F_FIN, CT_F_LOCAL, CT_F_PASS, CT_F_RST, CtEntry, CtEntry4, CtEntry6, RevEntry,
+        RevEntry4, RevEntry6,
+    },
+    flow::{Tuple, Tuple4, Tuple6, proto},
+    maps,
+};
+
+use crate::policy::model::Timeouts;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConntrackError {
+    #[error("map {name} is missing from the eBPF object")]
+    Missing { name: &'static str },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// The current `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) in nanoseconds.
+pub fn now_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+/// How long a flow may stay idle, from its protocol and the TCP flags seen
+/// in either direction.
+pub fn timeout(timeouts: &Timeouts, protocol: u8, flags: u16, replied: bool) -> Duration {
+    match protocol {
+        proto::TCP if flags & CT_F_RST != 0 => timeouts.tcp_closed,
+        proto::TCP if flags & CT_F_FIN != 0 || !replied => timeouts.tcp_transitory,
+        proto::TCP => timeouts.tcp_established,
+        proto::UDP => timeouts.udp,
+        _ => timeouts.icmp,
+    }
+}
+
+/// A flow as the tables hold it, both directions combined.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub protocol: u8,
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+    pub nat_addr: IpAddr,
+    pub nat_port: u16,
+    /// `CT_F_*` of both directions.
+    pub flags: u16,
+    pub policy: u16,
+    pub identity: u32,
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+}
+
+/// Counts from one sweep.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub expired: usize,
+    pub orphans: usize,
+    pub active: usize,
+}
+
+/// An address family's view for the generic table walks.
+trait Addr: Pod + Copy + Eq + Hash {
+    fn ip(self) -> IpAddr;
+}
+
+impl Addr for u32 {
+    fn ip(self) -> IpAddr {
+        IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(self)))
+    }
+}
+
+impl Addr for [u32; 4] {
+    fn ip(self) -> IpAddr {
+        let mut octets = [0u8; 16];
+        for (chunk, word) in octets.chunks_mut(4).zip(self) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        IpAddr::V6(std::net::Ipv6Addr::from(octets))
+    }
+}
+
+struct Tables<A: Addr, PC, PR> {
+    ct: HashMap<MapData, Tuple<A>, CtEntry<A, PC>>,
+    nat: HashMap<MapData, Tuple<A>, RevEntry<A, PR>>,
+    names: (&'static str, &'static str),
+}
+
+impl<A: Addr, PC, PR> Tables<A, PC, PR>
+where
+    Tuple<A>: Pod,
+    CtEntry<A, PC>: Pod,
+    RevEntry<A, PR>: Pod,
+{
+    fn rev_key(key: &Tuple<A>, ct: &CtEntry<A, PC>) -> Tuple<A> {
+        Tuple::new(
+            ct.nat_addr,
+            key.dst,
+            ct.nat_port_be,
+            key.dport_be,
+            key.proto,
+        )
+    }
+
+    fn flows(&self) -> Vec<Flow> {
+        let keys: Vec<Tuple<A>> = self.ct.keys().filter_map(Result::ok).collect();
+        keys.into_iter()
+            .filter_map(|key| {
+                let ct = self.ct.get(&key, 0).ok()?;
+                let rev = (ct.flags & CT_F_PASS == 0)
+                    .then(|| self.nat.get(&Self::rev_key(&key, &ct), 0).ok())
+                    .flatten();
+                Some(Flow {
+                    protocol: key.proto,
+                    src: key.src.ip(),
+                    sport: u16::from_be(key.sport_be),
+                    dst: key.dst.ip(),
+                    dport: u16::from_be(key.dport_be),
+                    nat_addr: ct.nat_addr.ip(),
+                    nat_port: u16::from_be(ct.nat_port_be),
+                    flags: ct.flags | rev.map_or(0, |r| r.flags),
+                    policy: ct.policy,
+                    identity: ct.identity,
+                    created_ns: ct.created_ns,
+                    last_seen_ns: ct.last_seen_ns.max(rev.map_or(0, |r| r.last_seen_ns)),
+                    packets_out: ct.packets,
+                    bytes_out: ct.bytes,
+                    packets_in: rev.map_or(0, |r| r.packets),
+                    bytes_in: rev.map_or(0, |r| r.bytes),
+                })
+            })
+            .collect()
+    }
+
+    /// Remove a flow's entries (outgoing first). Returns whether it existed.
+    fn remove(&mut self, key: &Tuple<A>, ct: &CtEntry<A, PC>) -> bool {
+        let existed = self.ct.remove(key).is_ok();
+        if ct.flags & CT_F_PASS == 0 {
+            let _ = self.nat.remove(&Self::rev_key(key, ct));
+        }
+        existed
+    }
+
+    fn sweep(&mut self, timeouts: &Timeouts, now: u64) -> SweepReport {
+        let mut report = SweepReport::default();
+        let keys: Vec<Tuple<A>> = self.ct.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let Ok(ct) = self.ct.get(&key, 0) else {
+                continue;
+            };
+            let rev = (ct.flags & CT_F_PASS == 0)
+                .then(|| self.nat.get(&Self::rev_key(&key, &ct), 0).ok())
+                .flatten();
+            let last = ct.last_seen_ns.max(rev.map_or(0, |r| r.last_seen_ns));
+            let replied = rev.is_some_and(|r| r.packets > 0);
+            let limit = timeout(
+                timeouts,
+                key.proto,
+                ct.flags | rev.map_or(0, |r| r.flags),
+                replied,
+            );
+            if now.saturating_sub(last) > limit.as_nanos() as u64 {
+                if self.remove(&key, &ct) {
+                    report.expired += 1;
+                }
+            } else {
+                report.active += 1;
+            }
+        }
+        // Reverse entries whose outgoing half is gone (a crash between the
+        // two removals, a lost race): remove them once they are idle too.
+        let keys: Vec<Tuple<A>> = self.nat.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let Ok(rev) = self.nat.get(&key, 0) else {
+                continue;
+            };
+            let orig = Tuple::new(
+                rev.orig_addr,
+                key.dst,
+                rev.orig_port_be,
+                key.dport_be,
+                key.proto,
+            );
+            if self.ct.get(&orig, 0).is_ok() {
+                continue;
+            }
+            let limit = timeout(timeouts, key.proto, rev.flags, true);
+            if now.saturating_sub(rev.last_seen_ns) > limit.as_nanos() as u64
+                && self.nat.remove(&key).is_ok()
+            {
+                report.orphans += 1;
+            }
+        }
+        report
+    }
+
+    /// Remove every flow translated to an address `doomed` selects.
+    fn flush(&mut self, doomed: &dyn Fn(IpAddr) -> bool) -> usize {
+        let keys: Vec<Tuple<A>> = self.ct.keys().filter_map(Result::ok).collect();
+        let mut flushed = 0;
+        for key in keys {
+            let Ok(ct) = self.ct.get(&key, 0) else {
+                continue;
+            };
+            // The gateway's own flows keep their (own) addresses.
+            if ct.flags & (CT_F_PASS | CT_F_LOCAL) == 0
+                && doomed(ct.nat_addr.ip())
+                && self.remove(&key, &ct)
+            {
+                flushed += 1;
+            }
+        }
+        flushed
+    }
+}
+
+/// Both families' connection tables.
+pub struct Conntrack {
+    v4: Tables<u32, [u8; 4], [u8; 2]>,
+    v6: Tables<[u32; 4], [u8; 0], [u8; 6]>,
+}
+
+fn take<K: Pod, V: Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, ConntrackError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(ConntrackError::Missing { name })?;
+    HashMap::try_from(map).map_err(|source| ConntrackError::Map { name, source })
+}
+
+impl Conntrack {
+    pub fn new(ebpf: &mut Ebpf) -> Result<Self, ConntrackError> {
+        Ok(Self {
+            v4: Tables {
+                ct: take::<Tuple4, CtEntry4>(ebpf, maps::CT4)?,
+                nat: take::<Tuple4, RevEntry4>(ebpf, maps::NAT4)?,
+                names: (maps::CT4, maps::NAT4),
+            },
+            v6: Tables {
+                ct: take::<Tuple6, CtEntry6>(ebpf, maps::CT6)?,
+                nat: take::<Tuple6, RevEntry6>(ebpf, maps::NAT6)?,
+                names: (maps::CT6, maps::NAT6),
+            },
+        })
+    }
+
+    /// Remove flows idle for longer than their timeout.
+    pub fn sweep(&mut self, timeouts: &Timeouts) -> SweepReport {
+        let now = now_ns();
+        let a = self.v4.sweep(timeouts, now);
+        let b = self.v6.sweep(timeouts, now);
+        SweepReport {
+            expired: a.expired + b.expired,
+            orphans: a.orphans + b.orphans,
+            active: a.active + b.active,
+        }
+    }
+
+    /// Remove every translated flow whose egress address `doomed` selects;
+    /// returns how many.
+    pub fn flush(&mut self, doomed: &dyn Fn(IpAddr) -> bool) -> usize {
+        self.v4.flush(doomed) + self.v6.flush(doomed)
+    }
+
+    /// Remove the flows `doomed` selects (whole flows, not by address).
+    pub fn flush_flows(&mut self, doomed: &dyn Fn(&Flow) -> bool) -> usize {
+        let mut flushed = 0;
+        for flow in self.flows() {
+            if doomed(&flow) && self.remove_flow(&flow) {
+                flushed += 1;
+            }
+        }
+        flushed
+    }
+
+    fn remove_flow(&mut self, flow: &Flow) -> bool {
+        match (flow.src, flow.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let key = Tuple::new(
+                    u32::from(s).to_be(),
+                    u32::from(d).to_be(),
+                    flow.sport.to_be(),
+                    flow.dport.to_be(),
+                    flow.protocol,
+                );
+                match self.v4.ct.get(&key, 0) {
+                    Ok(ct) => self.v4.remove(&key, &ct),
+                    Err(_) => false,
+                }
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let key = Tuple::new(
+                    crate::tables::addr6_words(&s),
+                    crate::tables::addr6_words(&d),
+                    flow.sport.to_be(),
+                    flow.dport.to_be(),
+                    flow.protocol,
+                );
+                match self.v6.ct.get(&key, 0) {
+                    Ok(ct) => self.v6.remove(&key, &ct),
+                    Err(_) => false,
+                }
+            }
+            _ => false,
+        }
+    }
+
+    /// Every tracked flow.
+    pub fn flows(&self) -> Vec<Flow> {
+        let mut out = self.v4.flows();
+        out.extend(self.v6.flows());
+        out
+    }
+
+    /// Names of the maps, for messages.
+    pub fn map_names(&self) -> [&'static str; 4] {
+        [
+            self.v4.names.0,
+            self.v4.names.1,
+            self.v6.names.0,
+            self.v6.names.1,
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use egress_common::conntrack::CT_F_SYN;
+
+    #[test]
+    fn timeout_tcp_states_pick_their_timeout() {
+        let t = Timeouts::default();
+        assert_eq!(
+            timeout(&t, proto::TCP, CT_F_SYN, false),
+            t.tcp_transitory,
+            "opening"
+        );
+        assert_eq!(
+            timeout(&t, proto::TCP, CT_F_SYN, true),
+            t.tcp_established,
+            "replied"
+        );
+        assert_eq!(
+            timeout(&t, proto::TCP, CT_F_FIN, true),
+            t.tcp_transitory,
+            "closing"
+        );
+        assert_eq!(
+            timeout(&t, proto::TCP, CT_F_RST | CT_F_FIN, true),
+            t.tcp_closed,
+            "reset"
+        );
+        assert_eq!(timeout(&t, proto::UDP, 0, false), t.udp);
+        assert_eq!(timeout(&t, proto::ICMP, 0, true), t.icmp);
+        assert_eq!(timeout(&t, proto::ICMPV6, 0, true), t.icmp);
+    }
+
+    #[test]
+    fn addr_words_round_trip_to_ip() {
+        assert_eq!(
+            u32::from(std::net::Ipv4Addr::new(203, 0, 113, 10))
+                .to_be()
+                .ip()
+                .to_string(),
+            "203.0.113.10"
+        );
+        let v6: std::net::Ipv6Addr = "2001:db8::1".parse().unwrap();
+        assert_eq!(crate::tables::addr6_words(&v6).ip(), IpAddr::V6(v6));
+    }
+}
