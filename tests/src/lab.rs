@@ -3,14 +3,24 @@
 //! documentation and private ranges and lives only in these namespaces.
 //!
 //! ```text
-//!  client            gateway                          internet
+//!  client            gateway                          internet                   far (optional)
 //!  eth0 10.10.0.2 -- lan0 10.10.0.1   up0 203.0.113.1 -- eth0 203.0.113.254
-//!                                         203.0.113.10    lo 192.0.2.10
+//!       fd00:10::2        fd00:10::1      203.0.113.10    lo 192.0.2.10
 //!                                         203.0.113.11       198.51.100.10
-//!                                                            10.99.0.10
+//!                                         2001:db8:ff::1     10.99.0.10
+//!                                                            2001:db8:2::10
+//!                                                            2001:db8:3::10
+//!                                         eth0 2001:db8:ff::254
+//!                                                         eth1 10.254.0.1 -- eth0 10.254.0.2   lo 192.0.2.200
+//!                                                              fd00:254::1     fd00:254::2        2001:db8:f::10
 //! ```
+//!
+//! The pool range 2001:db8:e0::/64 is routed by the internet side to the
+//! gateway (as a provider routes a customer's prefix). The far namespace sits
+//! behind a link with a small MTU, one more router hop away: where path-MTU
+//! and TTL-exceeded errors come from.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::Context as _;
 
@@ -33,6 +43,29 @@ pub const SERVER_INTERNAL: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 10);
 /// Every server address of the internet namespace.
 pub const SERVERS: [Ipv4Addr; 3] = [SERVER_PARTNER, SERVER_PUBLIC, SERVER_INTERNAL];
 
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 2);
+/// The gateway's IPv6 uplink address, also the example's default IPv6 egress.
+pub const GW_UPLINK6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1);
+/// The example pool's IPv6 range (routed to the gateway).
+pub const POOL6: &str = "2001:db8:e0::/64";
+pub const SERVER6_A: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x10);
+pub const SERVER6_B: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 3, 0, 0, 0, 0, 0x10);
+pub const SERVERS6: [Ipv6Addr; 2] = [SERVER6_A, SERVER6_B];
+/// Servers of the far namespace, behind the small-MTU link.
+pub const FAR_SERVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
+pub const FAR_SERVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 0x10);
+/// MTU of the internet <-> far link.
+pub const FAR_MTU: u32 = 1280;
+
+/// Every server address of the internet namespace, both families.
+pub fn servers() -> Vec<std::net::IpAddr> {
+    SERVERS
+        .iter()
+        .map(|a| (*a).into())
+        .chain(SERVERS6.iter().map(|a| (*a).into()))
+        .collect()
+}
+
 /// Interface names inside the namespaces.
 pub const UPLINK: &str = "up0";
 pub const LAN: &str = "lan0";
@@ -41,6 +74,8 @@ pub struct Lab {
     pub client: NetNs,
     pub gw: NetNs,
     pub inet: NetNs,
+    /// Present when built with [`Lab::with_far`].
+    pub far: Option<NetNs>,
 }
 
 /// Set a sysctl inside a namespace (procfs resolves /proc/sys/net against
@@ -59,9 +94,87 @@ impl Lab {
         let client = NetNs::new(&format!("{name}-cli"))?;
         let gw = NetNs::new(&format!("{name}-gw"))?;
         let inet = NetNs::new(&format!("{name}-net"))?;
-        let lab = Self { client, gw, inet };
+        let lab = Self {
+            client,
+            gw,
+            inet,
+            far: None,
+        };
         lab.build(extra_clients)
             .with_context(|| format!("building lab {name}"))?;
+        Ok(lab)
+    }
+
+    /// [`Lab::new`] plus the far namespace behind a small-MTU link.
+    pub fn with_far(extra_clients: u8) -> anyhow::Result<Self> {
+        let mut lab = Self::new(extra_clients)?;
+        let name = lab.client.name().trim_end_matches("-cli").to_owned();
+        let far = NetNs::new(&format!("{name}-far"))?;
+        let (inet, far_ref) = (&lab.inet, &far);
+        crate::netns::sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                "eth1",
+                "netns",
+                inet.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                far_ref.name(),
+            ],
+        )?;
+        let mtu = FAR_MTU.to_string();
+        inet.ip(&["addr", "add", "10.254.0.1/30", "dev", "eth1"])?;
+        inet.ip(&[
+            "-6",
+            "addr",
+            "add",
+            "fd00:254::1/64",
+            "dev",
+            "eth1",
+            "nodad",
+        ])?;
+        inet.ip(&["link", "set", "eth1", "mtu", &mtu, "up"])?;
+        inet.ip(&["route", "add", "192.0.2.200/32", "via", "10.254.0.2"])?;
+        inet.ip(&[
+            "-6",
+            "route",
+            "add",
+            "2001:db8:f::10/128",
+            "via",
+            "fd00:254::2",
+        ])?;
+        far_ref.ip(&["addr", "add", "10.254.0.2/30", "dev", "eth0"])?;
+        far_ref.ip(&[
+            "-6",
+            "addr",
+            "add",
+            "fd00:254::2/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        far_ref.ip(&["link", "set", "eth0", "mtu", &mtu, "up"])?;
+        far_ref.ip(&["addr", "add", "192.0.2.200/32", "dev", "lo"])?;
+        far_ref.ip(&[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:f::10/128",
+            "dev",
+            "lo",
+            "nodad",
+        ])?;
+        far_ref.ip(&["route", "add", "default", "via", "10.254.0.1"])?;
+        far_ref.ip(&["-6", "route", "add", "default", "via", "fd00:254::1"])?;
+        sysctl(inet, "net.ipv4.ip_forward", "1")?;
+        sysctl(inet, "net.ipv6.conf.all.forwarding", "1")?;
+        lab.far = Some(far);
         Ok(lab)
     }
 
@@ -113,31 +226,87 @@ impl Lab {
                 "eth0",
             ])?;
         }
+        client.ip(&["-6", "addr", "add", "fd00:10::2/64", "dev", "eth0", "nodad"])?;
+        for i in 0..extra_clients {
+            client.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("fd00:10::{:x}/64", 3 + u16::from(i)),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+        }
         client.ip(&["link", "set", "eth0", "up"])?;
         client.ip(&["route", "add", "default", "via", "10.10.0.1"])?;
+        client.ip(&["-6", "route", "add", "default", "via", "fd00:10::1"])?;
 
         gw.ip(&["addr", "add", "10.10.0.1/24", "dev", LAN])?;
         gw.ip(&["addr", "add", "203.0.113.1/24", "dev", UPLINK])?;
         gw.ip(&["addr", "add", "203.0.113.10/32", "dev", UPLINK])?;
         gw.ip(&["addr", "add", "203.0.113.11/32", "dev", UPLINK])?;
+        gw.ip(&["-6", "addr", "add", "fd00:10::1/64", "dev", LAN, "nodad"])?;
+        gw.ip(&[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:ff::1/64",
+            "dev",
+            UPLINK,
+            "nodad",
+        ])?;
         gw.ip(&["link", "set", LAN, "up"])?;
         gw.ip(&["link", "set", UPLINK, "up"])?;
         gw.ip(&["route", "add", "default", "via", "203.0.113.254"])?;
+        gw.ip(&["-6", "route", "add", "default", "via", "2001:db8:ff::254"])?;
         sysctl(gw, "net.ipv4.ip_forward", "1")?;
+        sysctl(gw, "net.ipv6.conf.all.forwarding", "1")?;
 
         inet.ip(&["addr", "add", "203.0.113.254/24", "dev", "eth0"])?;
         for server in ["192.0.2.10/32", "198.51.100.10/32", "10.99.0.10/32"] {
             inet.ip(&["addr", "add", server, "dev", "lo"])?;
         }
+        inet.ip(&[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:ff::254/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        for server in ["2001:db8:2::10/128", "2001:db8:3::10/128"] {
+            inet.ip(&["-6", "addr", "add", server, "dev", "lo", "nodad"])?;
+        }
         inet.ip(&["link", "set", "eth0", "up"])?;
         // Bypassed flows keep the client's address; the internet side routes
-        // them back through the gateway.
+        // them back through the gateway. So is the pool's IPv6 range.
         inet.ip(&["route", "add", "10.10.0.0/24", "via", "203.0.113.1"])?;
+        inet.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:10::/64",
+            "via",
+            "2001:db8:ff::1",
+        ])?;
+        inet.ip(&["-6", "route", "add", POOL6, "via", "2001:db8:ff::1"])?;
         Ok(())
     }
 
     /// Addresses of the client namespace, the first being [`CLIENT`].
     pub fn client_addr(i: u8) -> Ipv4Addr {
         Ipv4Addr::new(10, 10, 0, 2 + i)
+    }
+
+    /// IPv6 addresses of the client namespace, the first being [`CLIENT6`].
+    pub fn client_addr6(i: u8) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 2 + u16::from(i))
+    }
+
+    /// The far namespace (panics when the lab was built without it).
+    pub fn far(&self) -> &NetNs {
+        self.far.as_ref().expect("lab built with Lab::with_far")
     }
 }

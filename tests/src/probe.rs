@@ -9,7 +9,7 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     mem::MaybeUninit,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU16, Ordering},
@@ -19,7 +19,9 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use etherparse::{IcmpEchoHeader, Icmpv4Header, Icmpv4Type, Ipv4HeaderSlice};
+use etherparse::{
+    IcmpEchoHeader, Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type, Ipv4HeaderSlice,
+};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::netns::NetNs;
@@ -30,12 +32,12 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Seen {
     /// Source address and port (ICMP: echo identifier) the server saw.
-    pub src: SocketAddrV4,
+    pub src: SocketAddr,
     /// The payload came back unchanged.
     pub intact: bool,
 }
 
-fn parse_seen(line: &str) -> anyhow::Result<SocketAddrV4> {
+fn parse_seen(line: &str) -> anyhow::Result<SocketAddr> {
     line.trim()
         .strip_prefix("SEEN ")
         .with_context(|| format!("unexpected server greeting {line:?}"))?
@@ -43,8 +45,8 @@ fn parse_seen(line: &str) -> anyhow::Result<SocketAddrV4> {
         .with_context(|| format!("bad address in {line:?}"))
 }
 
-/// An echo request the ICMP recorder saw: source, identifier, payload.
-type EchoSeen = (Ipv4Addr, u16, Vec<u8>);
+/// An echo request an ICMP recorder saw: source, identifier, payload.
+type EchoSeen = (IpAddr, u16, Vec<u8>);
 
 /// The echo servers of one namespace; stopped on drop.
 pub struct Servers {
@@ -55,22 +57,39 @@ pub struct Servers {
 
 impl Servers {
     /// TCP and UDP echo servers on `ports` of every address in `addrs`, plus
-    /// the ICMP echo recorder, inside `ns`. UDP sockets are bound per address
-    /// so that answers leave from the address that was asked, as a real
-    /// server's would (a wildcard-bound one answers from the routing
-    /// source, which no NAT would accept as a reply).
-    pub fn start(ns: &NetNs, addrs: &[Ipv4Addr], ports: &[u16]) -> anyhow::Result<Self> {
+    /// the ICMP and ICMPv6 echo recorders, inside `ns`. UDP sockets are
+    /// bound per address so that answers leave from the address that was
+    /// asked, as a real server's would (a wildcard-bound one answers from
+    /// the routing source, which no NAT would accept as a reply).
+    pub fn start(ns: &NetNs, addrs: &[IpAddr], ports: &[u16]) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let icmp = Arc::new(Mutex::new(Vec::new()));
         let mut threads = Vec::new();
         for &port in ports {
-            let listener = ns.run(move || {
-                let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
-                l.set_nonblocking(true)?;
-                Ok(l)
-            })?;
-            let stop_tcp = Arc::clone(&stop);
-            threads.push(std::thread::spawn(move || tcp_server(&listener, &stop_tcp)));
+            for any in [
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            ] {
+                let listener = ns.run(move || {
+                    let domain = if any.is_ipv4() {
+                        Domain::IPV4
+                    } else {
+                        Domain::IPV6
+                    };
+                    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+                    if any.is_ipv6() {
+                        s.set_only_v6(true)?;
+                    }
+                    s.set_reuse_address(true)?;
+                    s.bind(&SocketAddr::new(any, port).into())?;
+                    s.listen(1024)?;
+                    let l: TcpListener = s.into();
+                    l.set_nonblocking(true)?;
+                    Ok(l)
+                })?;
+                let stop_tcp = Arc::clone(&stop);
+                threads.push(std::thread::spawn(move || tcp_server(&listener, &stop_tcp)));
+            }
             for &addr in addrs {
                 let socket = ns.run(move || {
                     let s = UdpSocket::bind((addr, port))?;
@@ -81,15 +100,21 @@ impl Servers {
                 threads.push(std::thread::spawn(move || udp_server(&socket, &stop_udp)));
             }
         }
-        let raw = ns.run(|| {
-            let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
-            s.set_read_timeout(Some(Duration::from_millis(50)))?;
-            Ok(s)
-        })?;
-        let (stop_icmp, seen) = (Arc::clone(&stop), Arc::clone(&icmp));
-        threads.push(std::thread::spawn(move || {
-            icmp_recorder(&raw, &stop_icmp, &seen)
-        }));
+        for v6 in [false, true] {
+            let raw = ns.run(move || {
+                let s = if v6 {
+                    Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?
+                } else {
+                    Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?
+                };
+                s.set_read_timeout(Some(Duration::from_millis(50)))?;
+                Ok(s)
+            })?;
+            let (stop_icmp, seen) = (Arc::clone(&stop), Arc::clone(&icmp));
+            threads.push(std::thread::spawn(move || {
+                icmp_recorder(&raw, v6, &stop_icmp, &seen)
+            }));
+        }
         Ok(Self {
             stop,
             threads,
@@ -98,7 +123,7 @@ impl Servers {
     }
 
     /// Source address and echo identifier of the echo request carrying `token`.
-    fn icmp_seen(&self, token: &[u8]) -> Option<(Ipv4Addr, u16)> {
+    fn icmp_seen(&self, token: &[u8]) -> Option<(IpAddr, u16)> {
         self.icmp
             .lock()
             .unwrap()
@@ -156,28 +181,50 @@ fn udp_server(socket: &UdpSocket, stop: &AtomicBool) {
     }
 }
 
-fn recv_raw(socket: &Socket, buf: &mut [u8]) -> std::io::Result<usize> {
+fn recv_raw(socket: &Socket, buf: &mut [u8]) -> std::io::Result<(usize, Option<IpAddr>)> {
     // SAFETY: u8 and MaybeUninit<u8> have the same layout; recv only writes.
     let uninit = unsafe { &mut *(std::ptr::from_mut(buf) as *mut [MaybeUninit<u8>]) };
-    socket.recv(uninit)
+    let (n, from) = socket.recv_from(uninit)?;
+    Ok((n, from.as_socket().map(|a| a.ip())))
 }
 
-fn icmp_recorder(socket: &Socket, stop: &AtomicBool, seen: &Mutex<Vec<EchoSeen>>) {
+/// An echo request or reply in a raw socket's data: IPv4 raw sockets get
+/// the IP header, IPv6 ones only the ICMPv6 message (the source comes from
+/// the socket address). Returns (source, request?, identifier, payload).
+fn parse_echo(buf: &[u8], v6: bool, from: Option<IpAddr>) -> Option<(IpAddr, bool, u16, Vec<u8>)> {
+    if v6 {
+        let (icmp, payload) = Icmpv6Header::from_slice(buf).ok()?;
+        let (request, echo) = match icmp.icmp_type {
+            Icmpv6Type::EchoRequest(e) => (true, e),
+            Icmpv6Type::EchoReply(e) => (false, e),
+            _ => return None,
+        };
+        Some((from?, request, echo.id, payload.to_vec()))
+    } else {
+        let ip = Ipv4HeaderSlice::from_slice(buf).ok()?;
+        let (icmp, payload) = Icmpv4Header::from_slice(&buf[ip.slice().len()..]).ok()?;
+        let (request, echo) = match icmp.icmp_type {
+            Icmpv4Type::EchoRequest(e) => (true, e),
+            Icmpv4Type::EchoReply(e) => (false, e),
+            _ => return None,
+        };
+        Some((
+            IpAddr::V4(ip.source_addr()),
+            request,
+            echo.id,
+            payload.to_vec(),
+        ))
+    }
+}
+
+fn icmp_recorder(socket: &Socket, v6: bool, stop: &AtomicBool, seen: &Mutex<Vec<EchoSeen>>) {
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
-        let Ok(n) = recv_raw(socket, &mut buf) else {
+        let Ok((n, from)) = recv_raw(socket, &mut buf) else {
             continue;
         };
-        let Ok(ip) = Ipv4HeaderSlice::from_slice(&buf[..n]) else {
-            continue;
-        };
-        let rest = &buf[ip.slice().len()..n];
-        if let Ok((icmp, payload)) = Icmpv4Header::from_slice(rest)
-            && let Icmpv4Type::EchoRequest(echo) = icmp.icmp_type
-        {
-            seen.lock()
-                .unwrap()
-                .push((ip.source_addr(), echo.id, payload.to_vec()));
+        if let Some((src, true, id, payload)) = parse_echo(&buf[..n], v6, from) {
+            seen.lock().unwrap().push((src, id, payload));
         }
     }
 }
@@ -197,18 +244,23 @@ pub fn token(label: &str) -> Vec<u8> {
 /// read the server's report, send `payload` and check it is echoed back.
 pub fn tcp(
     ns: &NetNs,
-    from: Option<SocketAddrV4>,
-    to: SocketAddrV4,
+    from: Option<SocketAddr>,
+    to: SocketAddr,
     payload: Vec<u8>,
 ) -> anyhow::Result<Seen> {
     ns.run(move || {
-        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        let domain = if to.is_ipv4() {
+            Domain::IPV4
+        } else {
+            Domain::IPV6
+        };
+        let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
         if let Some(from) = from {
             socket.set_reuse_address(true)?;
-            socket.bind(&SocketAddr::V4(from).into())?;
+            socket.bind(&from.into())?;
         }
         socket
-            .connect_timeout(&SocketAddr::V4(to).into(), IO_TIMEOUT)
+            .connect_timeout(&to.into(), IO_TIMEOUT)
             .with_context(|| format!("connecting to {to}"))?;
         let stream: TcpStream = socket.into();
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -235,15 +287,20 @@ pub fn tcp(
 /// Send one UDP datagram from `ns` and read the server's answer.
 pub fn udp(
     ns: &NetNs,
-    from: Option<SocketAddrV4>,
-    to: SocketAddrV4,
+    from: Option<SocketAddr>,
+    to: SocketAddr,
     payload: Vec<u8>,
 ) -> anyhow::Result<Seen> {
     ns.run(move || {
-        let socket = UdpSocket::bind(from.unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)))?;
+        let any = if to.is_ipv4() {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
+        } else {
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0)
+        };
+        let socket = UdpSocket::bind(from.unwrap_or(any))?;
         socket.set_read_timeout(Some(Duration::from_millis(500)))?;
         let mut buf = [0u8; 65536];
-        // UDP may lose the very first datagram while ARP resolves: retry.
+        // UDP may lose the very first datagram while ARP/NDP resolves: retry.
         for _ in 0..6 {
             socket.send_to(&payload, to)?;
             if let Ok((n, _)) = socket.recv_from(&mut buf) {
@@ -265,38 +322,44 @@ pub fn udp(
 
 /// Ping `to` from `ns` with a unique payload; the servers' recorder tells
 /// which source address and identifier arrived.
-pub fn ping(ns: &NetNs, servers: &Servers, to: Ipv4Addr, id: u16) -> anyhow::Result<Seen> {
+pub fn ping(ns: &NetNs, servers: &Servers, to: IpAddr, id: u16) -> anyhow::Result<Seen> {
     let payload = token("ping");
     let sent = payload.clone();
     let replied = ns.run(move || {
-        let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
+        let v6 = to.is_ipv6();
+        let socket = if v6 {
+            Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?
+        } else {
+            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?
+        };
         socket.set_read_timeout(Some(Duration::from_millis(200)))?;
         let deadline = Instant::now() + Duration::from_secs(3);
         let mut seq = 0u16;
         let mut buf = [0u8; 2048];
         while Instant::now() < deadline {
             seq += 1;
-            let header = Icmpv4Header::with_checksum(
-                Icmpv4Type::EchoRequest(IcmpEchoHeader { id, seq }),
-                &sent,
-            );
-            let mut packet = header.to_bytes().to_vec();
+            let echo = IcmpEchoHeader { id, seq };
+            let mut packet = if v6 {
+                // The kernel fills in the ICMPv6 checksum of raw sockets.
+                Icmpv6Header::new(Icmpv6Type::EchoRequest(echo))
+                    .to_bytes()
+                    .to_vec()
+            } else {
+                Icmpv4Header::with_checksum(Icmpv4Type::EchoRequest(echo), &sent)
+                    .to_bytes()
+                    .to_vec()
+            };
             packet.extend_from_slice(&sent);
-            socket.send_to(&packet, &SocketAddr::V4(SocketAddrV4::new(to, 0)).into())?;
+            socket.send_to(&packet, &SocketAddr::new(to, 0).into())?;
             let wait = Instant::now() + Duration::from_millis(300);
             while Instant::now() < wait {
-                let Ok(n) = recv_raw(&socket, &mut buf) else {
+                let Ok((n, from)) = recv_raw(&socket, &mut buf) else {
                     continue;
                 };
-                let Ok(ip) = Ipv4HeaderSlice::from_slice(&buf[..n]) else {
-                    continue;
-                };
-                let rest = &buf[ip.slice().len()..n];
-                if let Ok((icmp, body)) = Icmpv4Header::from_slice(rest)
-                    && let Icmpv4Type::EchoReply(echo) = icmp.icmp_type
-                    && body == sent.as_slice()
+                if let Some((src, false, echo_id, body)) = parse_echo(&buf[..n], v6, from)
+                    && body == sent
                 {
-                    return Ok(ip.source_addr() == to && echo.id == id);
+                    return Ok(src == to && echo_id == id);
                 }
             }
         }
@@ -306,7 +369,7 @@ pub fn ping(ns: &NetNs, servers: &Servers, to: Ipv4Addr, id: u16) -> anyhow::Res
         .icmp_seen(&payload)
         .context("the server never saw the echo request")?;
     Ok(Seen {
-        src: SocketAddrV4::new(src, seen_id),
+        src: SocketAddr::new(src, seen_id),
         intact: replied,
     })
 }

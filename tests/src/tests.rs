@@ -1,5 +1,7 @@
 //! Privileged test suites (run as root by `cargo xtask test`).
 
+mod nat_lab;
+mod nat_packets;
 mod packet;
 mod prog_test_run;
 mod steer_e2e;

@@ -4,7 +4,7 @@
 //! each one left from, then waits for Ctrl-C and tears the lab down.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     process::Command,
     sync::mpsc,
@@ -16,7 +16,7 @@ use egress_tests::{
     agent::Agent,
     lab::{
         CLIENT, DEDICATED_PRIMARY, DEDICATED_SECONDARY, GW_UPLINK, Lab, SERVER_INTERNAL,
-        SERVER_PARTNER, SERVER_PUBLIC, SERVERS, UPLINK,
+        SERVER_PARTNER, SERVER_PUBLIC, UPLINK, servers,
     },
     netns,
     probe::{self, Seen, Servers},
@@ -74,7 +74,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
 
     netns::remove_stale()?;
     let lab = Lab::new(0).context("creating the lab namespaces")?;
-    let servers = Servers::start(&lab.inet, &SERVERS, &[443, 8080, 9000])?;
+    let servers = Servers::start(&lab.inet, &servers(), &[443, 8080, 9000])?;
     println!(
         "lab: client {} ({}), gateway {} (uplink {UPLINK}: {GW_UPLINK}, {DEDICATED_PRIMARY}, {DEDICATED_SECONDARY}), internet {} (servers {SERVER_PARTNER}, {SERVER_PUBLIC}, {SERVER_INTERNAL})",
         lab.client.name(),
@@ -106,11 +106,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         ("icmp", SERVER_INTERNAL, 0),
     ];
     for (kind, server, port) in samples {
-        let to = SocketAddrV4::new(server, port);
+        let to = SocketAddr::new(server.into(), port);
         let result = match kind {
             "tcp" => probe::tcp(&lab.client, None, to, probe::token("tcp")),
             "udp" => probe::udp(&lab.client, None, to, probe::token("udp")),
-            _ => probe::ping(&lab.client, &servers, server, 0x0e9e),
+            _ => probe::ping(&lab.client, &servers, server.into(), 0x0e9e),
         };
         let shown_to = if kind == "icmp" {
             server.to_string()
@@ -119,7 +119,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         };
         match result {
             Ok(Seen { src, intact }) => {
-                let what = describe(*src.ip());
+                let what = describe(src.ip());
                 let integrity = if intact { "" } else { "  (DATA CORRUPTED)" };
                 if !intact {
                     failures += 1;
@@ -160,12 +160,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn describe(src: Ipv4Addr) -> &'static str {
+fn describe(src: IpAddr) -> &'static str {
     match src {
-        a if a == GW_UPLINK => "default egress",
-        a if a == DEDICATED_PRIMARY => "dedicated address (pool primary)",
-        a if a == DEDICATED_SECONDARY => "dedicated address (pool secondary)",
-        a if a == CLIENT => "client's own address (bypass)",
+        a if a == IpAddr::V4(GW_UPLINK) => "default egress",
+        a if a == IpAddr::V4(DEDICATED_PRIMARY) => "dedicated address (pool primary)",
+        a if a == IpAddr::V4(DEDICATED_SECONDARY) => "dedicated address (pool secondary)",
+        a if a == IpAddr::V4(CLIENT) => "client's own address (bypass)",
         _ => "unexpected address",
     }
 }

@@ -111,6 +111,14 @@ impl Dp {
     pub fn tables(&self) -> &Tables {
         &self.tables
     }
+
+    pub fn tables_mut(&mut self) -> &mut Tables {
+        &mut self.tables
+    }
+
+    pub fn dataplane_mut(&mut self) -> &mut Dataplane {
+        &mut self.dataplane
+    }
 }
 
 fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
@@ -698,5 +706,56 @@ fn classify_random_policy_sets_kernel_agrees_with_reference() {
     assert!(
         checked > 1000,
         "the sample must be substantial, checked {checked}"
+    );
+}
+
+#[test]
+fn snat6_tcp_pool_range_address_stable_per_source_and_reply_restored() {
+    use std::net::Ipv6Addr;
+
+    use super::packet::{sa6, tcp6};
+    let policy = r#"{
+        "egress_pools": { "p": { "ipv4": ["203.0.113.10"], "ipv6": "2001:db8:e0::/64" } },
+        "default_egress": { "ipv4": "203.0.113.1", "ipv6": "2001:db8:ff::1" },
+        "policies": [
+            { "name": "v6 partner", "selector": { "dst": ["2001:db8:2::/48"] }, "action": { "egress": "p" } },
+            { "name": "rest", "selector": {}, "action": { "egress": "default" } }
+        ]
+    }"#;
+    let mut dp = Dp::new(policy);
+    let client: Ipv6Addr = "fd00:10::2".parse().unwrap();
+    let server = sa6("2001:db8:2::10".parse().unwrap(), 443);
+    let (verdict, out) = dp.egress(&tcp6(sa6(client, 40000), server, true, b"v6"));
+    assert_eq!(verdict, TC_ACT_OK);
+    let first = packet::checked6(&out);
+    let range: ipnet::Ipv6Net = "2001:db8:e0::/64".parse().unwrap();
+    assert!(
+        range.contains(first.src.ip()),
+        "the source must come from the pool's range: {first:?}"
+    );
+    assert_eq!(first.src.port(), 40000, "the free port is kept");
+    let (_, out) = dp.egress(&tcp6(sa6(client, 40001), server, true, b""));
+    assert_eq!(
+        packet::checked6(&out).src.ip(),
+        first.src.ip(),
+        "the same source keeps one address"
+    );
+    let (_, out) = dp.egress(&tcp6(
+        sa6(client, 40002),
+        sa6("2001:db8:3::10".parse().unwrap(), 80),
+        true,
+        b"",
+    ));
+    assert_eq!(
+        packet::checked6(&out).src.ip(),
+        &"2001:db8:ff::1".parse::<Ipv6Addr>().unwrap(),
+        "other destinations leave from the default IPv6 egress"
+    );
+    let (verdict, back) = dp.ingress(&tcp6(server, first.src, false, b"ok"));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        packet::checked6(&back).dst,
+        sa6(client, 40000),
+        "the reply returns to the client"
     );
 }

@@ -3,7 +3,7 @@
 //! they saw.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::Path,
 };
 
@@ -14,7 +14,7 @@ use crate::{
     agent::Agent,
     lab::{
         CLIENT, DEDICATED_PRIMARY, GW_UPLINK, Lab, SERVER_INTERNAL, SERVER_PARTNER, SERVER_PUBLIC,
-        SERVERS, UPLINK,
+        UPLINK, servers,
     },
     netns::NetNs,
     probe::{self, Servers},
@@ -29,8 +29,8 @@ fn example() -> String {
         .to_string()
 }
 
-fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(ip, port)
+fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
 }
 
 /// A payload large enough to span many segments, with a recognisable pattern.
@@ -56,7 +56,7 @@ fn tcx_programs(ns: &NetNs, iface: &'static str) -> usize {
 fn steer_example_policies_each_flow_leaves_from_its_policy_address() {
     require_root();
     let lab = Lab::new(0).unwrap();
-    let servers = Servers::start(&lab.inet, &SERVERS, &[443, 8080, 9000]).unwrap();
+    let servers = Servers::start(&lab.inet, &servers(), &[443, 8080, 9000]).unwrap();
     let config = example();
     let mut agent = Agent::start(
         &lab.gw,
@@ -103,8 +103,8 @@ fn steer_example_policies_each_flow_leaves_from_its_policy_address() {
         let seen = probe::tcp(&lab.client, None, sa(server, port), payload.clone())
             .unwrap_or_else(|e| panic!("TCP to {server}:{port}: {e:#}"));
         assert_eq!(
-            *seen.src.ip(),
-            expected,
+            seen.src.ip(),
+            IpAddr::V4(expected),
             "TCP to {server}:{port} must leave from {why}"
         );
         assert!(
@@ -115,8 +115,8 @@ fn steer_example_policies_each_flow_leaves_from_its_policy_address() {
         let seen = probe::udp(&lab.client, None, sa(server, port), bulk(1200))
             .unwrap_or_else(|e| panic!("UDP to {server}:{port}: {e:#}"));
         assert_eq!(
-            *seen.src.ip(),
-            expected,
+            seen.src.ip(),
+            IpAddr::V4(expected),
             "UDP to {server}:{port} must leave from {why}"
         );
         assert!(
@@ -132,11 +132,11 @@ fn steer_example_policies_each_flow_leaves_from_its_policy_address() {
         ),
         (SERVER_INTERNAL, CLIENT, "the client's own address (bypass)"),
     ] {
-        let seen = probe::ping(&lab.client, &servers, server, 0x5151)
+        let seen = probe::ping(&lab.client, &servers, server.into(), 0x5151)
             .unwrap_or_else(|e| panic!("ping {server}: {e:#}"));
         assert_eq!(
-            *seen.src.ip(),
-            expected,
+            seen.src.ip(),
+            IpAddr::V4(expected),
             "ping to {server} must leave from {why}"
         );
         assert!(
@@ -166,7 +166,7 @@ fn steer_example_policies_each_flow_leaves_from_its_policy_address() {
 fn steer_netlink_attach_mode_removes_its_qdisc_on_exit() {
     require_root();
     let lab = Lab::new(0).unwrap();
-    let _servers = Servers::start(&lab.inet, &SERVERS, &[443]).unwrap();
+    let _servers = Servers::start(&lab.inet, &servers(), &[443]).unwrap();
     let config = example();
     let mut agent = Agent::start(
         &lab.gw,
@@ -187,8 +187,8 @@ fn steer_netlink_attach_mode_removes_its_qdisc_on_exit() {
     );
     let seen = probe::tcp(&lab.client, None, sa(SERVER_PUBLIC, 443), bulk(4096)).unwrap();
     assert_eq!(
-        *seen.src.ip(),
-        GW_UPLINK,
+        seen.src.ip(),
+        IpAddr::V4(GW_UPLINK),
         "netlink-attached programs translate too"
     );
     assert!(seen.intact);
@@ -268,7 +268,7 @@ fn reload_swapping_sets_under_traffic_never_mixes_tables() {
 
     require_root();
     let lab = Lab::new(1).unwrap();
-    let _servers = Servers::start(&lab.inet, &SERVERS, &[443]).unwrap();
+    let _servers = Servers::start(&lab.inet, &servers(), &[443]).unwrap();
     let dir = std::env::temp_dir().join(format!("egress-swap-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("policies.json");
@@ -299,7 +299,7 @@ fn reload_swapping_sets_under_traffic_never_mixes_tables() {
             std::thread::spawn(move || {
                 let mut seen = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    let from = SocketAddrV4::new(Lab::client_addr(client), 0);
+                    let from = sa(Lab::client_addr(client), 0);
                     match probe::udp(
                         &lab.client,
                         Some(from),
@@ -353,7 +353,10 @@ fn reload_swapping_sets_under_traffic_never_mixes_tables() {
         "enough flows must have crossed the swaps, got {}",
         seen.len()
     );
-    let misrouted: Vec<_> = seen.iter().filter(|s| *s.src.ip() != GW_UPLINK).collect();
+    let misrouted: Vec<_> = seen
+        .iter()
+        .filter(|s| s.src.ip() != IpAddr::V4(GW_UPLINK))
+        .collect();
     assert!(
         misrouted.is_empty(),
         "every flow must leave from the default egress in both sets; {} of {} did not (a mixed classification): {:?}",
