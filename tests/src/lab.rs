@@ -109,6 +109,7 @@ impl Lab {
     pub fn with_far(extra_clients: u8) -> anyhow::Result<Self> {
         let mut lab = Self::new(extra_clients)?;
         let name = lab.client.name().trim_end_matches("-cli").to_owned();
+        // Same stem as the other three, so it is cleaned up with them.
         let far = NetNs::new(&format!("{name}-far"))?;
         let (inet, far_ref) = (&lab.inet, &far);
         crate::netns::sh(

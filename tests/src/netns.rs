@@ -13,16 +13,12 @@ use nix::sched::{CloneFlags, setns};
 /// up after a run that was killed before its guards could.
 pub const PREFIX: &str = "egl";
 
-/// A short name, unique per process and call, that fits interface names
-/// (15 bytes) once a 3-byte suffix is added.
+/// A name unique per process and call: `egl-<pid>-<n>`. The creator's pid
+/// lets [`remove_stale`] tell leftovers of dead runs from live labs.
 pub fn unique_name() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!(
-        "{PREFIX}{:04x}{:02x}",
-        std::process::id() & 0xffff,
-        n & 0xff
-    )
+    format!("{PREFIX}-{}-{n}", std::process::id())
 }
 
 /// Run a command, failing with its output when it fails.
@@ -107,12 +103,21 @@ impl Drop for NetNs {
 }
 
 /// Delete lab namespaces left behind by a run that was killed before its
-/// guards could run.
+/// guards could run: those whose creating process no longer exists. Labs
+/// of live processes (tests running beside `cargo xtask run`) are kept.
 pub fn remove_stale() -> anyhow::Result<Vec<String>> {
     let list = sh("ip", &["netns", "list"])?;
     let mut removed = Vec::new();
     for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
-        if name.starts_with(PREFIX) {
+        let Some(rest) = name.strip_prefix(PREFIX).and_then(|r| r.strip_prefix('-')) else {
+            continue;
+        };
+        let alive = rest
+            .split('-')
+            .next()
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
             sh("ip", &["netns", "del", name])?;
             removed.push(name.to_owned());
         }

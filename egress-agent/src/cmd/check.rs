@@ -11,7 +11,7 @@ use crate::{
         self, PolicySet,
         analyze::{Finding, analyze},
         dnf::Conjunction,
-        model::{Egress, Expr},
+        model::{Egress, Expr, HealthCheck, PoolMode, WhenDown},
     },
 };
 
@@ -63,14 +63,52 @@ pub fn egress_text(set: &PolicySet, egress: Egress) -> String {
 pub fn summary(set: &PolicySet, compiled: &policy::Compiled) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "default egress: {}", set.default_egress.ipv4);
+    if let Some(v6) = set.default_egress.ipv6 {
+        let _ = writeln!(out, "default egress (IPv6): {v6}");
+    }
     for pool in &set.pools {
         let _ = write!(out, "pool {}: ipv4 [{}]", pool.name, list(&pool.ipv4));
         if let Some(v6) = pool.ipv6 {
             let _ = write!(out, " ipv6 {v6}");
         }
-        out.push('\n');
+        let mode = match pool.mode {
+            PoolMode::Failover => "failover",
+            PoolMode::Spread => "spread",
+        };
+        let down = match pool.when_down {
+            WhenDown::Drop => "drop new flows",
+            WhenDown::Default => "use the default egress",
+        };
+        let _ = writeln!(out, ", {mode}; when every address is down: {down}");
     }
-    let _ = writeln!(out, "nat: translated ports {}", set.nat.port_range);
+    let _ = writeln!(
+        out,
+        "nat: translated ports {}, {} flows per table",
+        set.nat.port_range, set.nat.max_flows
+    );
+    let t = &set.timeouts;
+    let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    let _ = writeln!(
+        out,
+        "timeouts: tcp established {}, tcp opening/closing {}, tcp after reset {}, udp {}, icmp {}",
+        d(t.tcp_established),
+        d(t.tcp_transitory),
+        d(t.tcp_closed),
+        d(t.udp),
+        d(t.icmp)
+    );
+    let check = match set.health.check {
+        HealthCheck::Address => "address assigned to the gateway".to_owned(),
+        HealthCheck::Probe(target) => format!("address assigned and TCP to {target} succeeds"),
+        HealthCheck::None => "none (always usable)".to_owned(),
+    };
+    let _ = writeln!(
+        out,
+        "health: {check}, every {}, down after {} failures, up after {} successes",
+        d(set.health.interval),
+        set.health.fall,
+        set.health.rise
+    );
     let _ = writeln!(out, "policies ({}, first match wins):", set.policies.len());
     for (i, p) in set.policies.iter().enumerate() {
         let _ = write!(

@@ -337,10 +337,19 @@ impl Agent {
                 );
             }
         }
+        let flows = self.conntrack.lock().expect("conntrack lock").flows();
         if let Ok(addrs) = self.tables.addr_stats() {
             for (addr, s) in addrs {
+                // Active flows of an address, or of an IPv6 range.
+                let active = match addr.parse::<ipnet::IpNet>() {
+                    Ok(range) => flows.iter().filter(|f| range.contains(&f.nat_addr)).count(),
+                    Err(_) => flows
+                        .iter()
+                        .filter(|f| f.nat_addr.to_string() == addr)
+                        .count(),
+                };
                 info!(
-                    "egress {addr}: flows={} exhausted={} packets_out={} bytes_out={} packets_in={} bytes_in={}",
+                    "egress {addr}: flows={} active={active} exhausted={} packets_out={} bytes_out={} packets_in={} bytes_in={}",
                     s.flows, s.exhausted, s.packets_out, s.bytes_out, s.packets_in, s.bytes_in
                 );
             }

@@ -1361,4 +1361,117 @@ mod tests {
             "disabled policies use no rules"
         );
     }
+
+    #[test]
+    fn parse_pool_mode_and_when_down() {
+        let set = parse(&edited(
+            "\"ipv6\": \"2001:db8:e0::/64\" }",
+            "\"ipv6\": \"2001:db8:e0::/64\", \"mode\": \"spread\", \"when_down\": \"default\" }",
+        ))
+        .unwrap();
+        assert_eq!(set.pools[0].mode, PoolMode::Spread);
+        assert_eq!(set.pools[0].when_down, WhenDown::Default);
+        assert_eq!(
+            parse(EXAMPLE).unwrap().pools[0].when_down,
+            WhenDown::Drop,
+            "fail closed by default"
+        );
+        let err = error(&edited(
+            "\"ipv6\": \"2001:db8:e0::/64\" }",
+            "\"ipv6\": \"2001:db8:e0::/64\", \"mode\": \"random\" }",
+        ));
+        assert!(
+            err.starts_with("egress_pools.pt-montijo.mode: unknown variant `random`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn parse_timeouts_seconds_or_text_and_bounds() {
+        let set = parse(&edited(
+            "\"policies\"",
+            "\"timeouts\": { \"udp\": 30, \"tcp_established\": \"1h30m\" }, \"policies\"",
+        ))
+        .unwrap();
+        assert_eq!(set.timeouts.udp, std::time::Duration::from_secs(30));
+        assert_eq!(
+            set.timeouts.tcp_established,
+            std::time::Duration::from_secs(5400)
+        );
+        assert_eq!(
+            set.timeouts.icmp,
+            Timeouts::default().icmp,
+            "unset timeouts keep their defaults"
+        );
+        let err = error(&edited(
+            "\"policies\"",
+            "\"timeouts\": { \"udp\": \"soon\" }, \"policies\"",
+        ));
+        assert!(
+            err.starts_with("timeouts.udp: invalid duration \"soon\""),
+            "{err}"
+        );
+        let err = error(&edited(
+            "\"policies\"",
+            "\"timeouts\": { \"icmp\": 0 }, \"policies\"",
+        ));
+        assert_eq!(err, "timeouts.icmp: 0s is outside 1s-7days");
+    }
+
+    #[test]
+    fn parse_health_checks_validated() {
+        let set = parse(&edited(
+            "\"policies\"",
+            "\"health\": { \"probe\": \"198.51.100.1:443\", \"interval\": \"500ms\", \"fall\": 3 }, \"policies\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            set.health.check,
+            HealthCheck::Probe("198.51.100.1:443".parse().unwrap())
+        );
+        assert_eq!(set.health.interval, std::time::Duration::from_millis(500));
+        assert_eq!(set.health.fall, 3);
+        let set = parse(&edited(
+            "\"policies\"",
+            "\"health\": { \"check\": \"none\" }, \"policies\"",
+        ))
+        .unwrap();
+        assert_eq!(set.health.check, HealthCheck::None);
+        let err = error(&edited(
+            "\"policies\"",
+            "\"health\": { \"check\": \"probe\" }, \"policies\"",
+        ));
+        assert_eq!(
+            err,
+            "health.probe: check \"probe\" needs a probe target (address:port)"
+        );
+        let err = error(&edited(
+            "\"policies\"",
+            "\"health\": { \"probe\": \"198.51.100.1\" }, \"policies\"",
+        ));
+        assert!(
+            err.starts_with("health.probe: \"198.51.100.1\" is not an address:port"),
+            "{err}"
+        );
+        let err = error(&edited(
+            "\"policies\"",
+            "\"health\": { \"rise\": 0 }, \"policies\"",
+        ));
+        assert_eq!(err, "health.rise: 0 is outside 1-10");
+    }
+
+    #[test]
+    fn parse_nat_max_flows_bounds() {
+        let set = parse(&edited(
+            "\"policies\"",
+            "\"nat\": { \"max_flows\": 65536 }, \"policies\"",
+        ))
+        .unwrap();
+        assert_eq!(set.nat.max_flows, 65536);
+        let err = error(&edited(
+            "\"policies\"",
+            "\"nat\": { \"max_flows\": 10 }, \"policies\"",
+        ));
+        assert_eq!(err, "nat.max_flows: 10 is outside 1024-67108864");
+    }
 }

@@ -182,14 +182,20 @@ pub fn policy_set(max_policies: usize) -> impl Strategy<Value = PolicySet> {
                 .map(|i| Pool {
                     name: format!("pool{i}"),
                     ipv4: vec![Ipv4Addr::new(203, 0, 113, 10 + i)],
-                    ipv6: None,
+                    ipv6: Some(
+                        Ipv6Net::new(
+                            Ipv6Addr::new(0x2001, 0xdb8, 0xe0, u16::from(i), 0, 0, 0, 0),
+                            64,
+                        )
+                        .unwrap(),
+                    ),
                     mode: Default::default(),
                     when_down: Default::default(),
                 })
                 .collect(),
             default_egress: DefaultEgress {
                 ipv4: Ipv4Addr::new(203, 0, 113, 1),
-                ipv6: None,
+                ipv6: Some(Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1)),
             },
             policies,
             nat: Nat::default(),

@@ -102,6 +102,15 @@ impl Dp {
         map.get(key, 0).ok()
     }
 
+    pub fn ct6(
+        &mut self,
+        key: &egress_common::flow::Tuple6,
+    ) -> Option<egress_common::conntrack::CtEntry6> {
+        let map: BpfHashMap<_, egress_common::flow::Tuple6, egress_common::conntrack::CtEntry6> =
+            BpfHashMap::try_from(self.dataplane.ebpf_mut().map(maps::CT6).unwrap()).unwrap();
+        map.get(key, 0).ok()
+    }
+
     pub fn rev(&mut self, key: &Tuple4) -> Option<RevEntry4> {
         let map: BpfHashMap<_, Tuple4, RevEntry4> =
             BpfHashMap::try_from(self.dataplane.ebpf_mut().map(maps::NAT4).unwrap()).unwrap();
@@ -598,13 +607,44 @@ fn snat_no_policy_matches_uses_default_egress() {
 
 /// Build the first packet of `flow` (TCP, UDP or ICMP echo) from `sport`.
 fn first_packet(flow: &policy::eval::Flow, sport: u16) -> Vec<u8> {
-    let (std::net::IpAddr::V4(src), std::net::IpAddr::V4(dst)) = (flow.src, flow.dst) else {
-        panic!("IPv4 flows only");
+    use super::packet::{echo6, sa6, tcp6, udp6};
+    match (flow.src, flow.dst) {
+        (std::net::IpAddr::V4(src), std::net::IpAddr::V4(dst)) => match flow.proto {
+            proto::TCP => packet::tcp(sa(src, sport), sa(dst, flow.dst_port), true, b""),
+            proto::UDP => packet::udp(sa(src, sport), sa(dst, flow.dst_port), b""),
+            _ => packet::echo(src, dst, true, sport, b""),
+        },
+        (std::net::IpAddr::V6(src), std::net::IpAddr::V6(dst)) => match flow.proto {
+            proto::TCP => tcp6(sa6(src, sport), sa6(dst, flow.dst_port), true, b""),
+            proto::UDP => udp6(sa6(src, sport), sa6(dst, flow.dst_port), b""),
+            _ => echo6(src, dst, true, sport, b""),
+        },
+        _ => panic!("mixed families"),
+    }
+}
+
+/// The policy index the kernel recorded for the flow `first_packet` made.
+fn recorded_policy(dp: &mut Dp, flow: &policy::eval::Flow, sport: u16) -> Option<u16> {
+    let dport = if matches!(flow.proto, proto::ICMP | proto::ICMPV6) {
+        0
+    } else {
+        flow.dst_port
     };
-    match flow.proto {
-        proto::TCP => packet::tcp(sa(src, sport), sa(dst, flow.dst_port), true, b""),
-        proto::UDP => packet::udp(sa(src, sport), sa(dst, flow.dst_port), b""),
-        _ => packet::echo(src, dst, true, sport, b""),
+    match (flow.src, flow.dst) {
+        (std::net::IpAddr::V4(src), std::net::IpAddr::V4(dst)) => dp
+            .ct(&tuple(sa(src, sport), sa(dst, dport), flow.proto))
+            .map(|e| e.policy),
+        (std::net::IpAddr::V6(src), std::net::IpAddr::V6(dst)) => {
+            let key = egress_common::flow::Tuple6::new(
+                tables::addr6_words(&src),
+                tables::addr6_words(&dst),
+                sport.to_be(),
+                dport.to_be(),
+                flow.proto,
+            );
+            dp.ct6(&key).map(|e| e.policy)
+        }
+        _ => None,
     }
 }
 
@@ -627,6 +667,7 @@ fn classify_random_policy_sets_kernel_agrees_with_reference() {
     );
     let mut sport = 1024u16;
     let mut checked = 0;
+    let mut checked6 = 0;
     for round in 0..80 {
         // Mostly small sets, some large; every set is a reload of the same maps.
         let max = if round % 8 == 7 { 4096 } else { 48 };
@@ -661,10 +702,14 @@ fn classify_random_policy_sets_kernel_agrees_with_reference() {
 
         for probe in &case.probes {
             let flow = probe.flow;
-            // Only flows the dataplane tracks whatever the action: IPv4 TCP,
-            // UDP, ICMP echo, from a non-gateway source.
-            if !flow.src.is_ipv4()
-                || ![proto::TCP, proto::UDP, proto::ICMP].contains(&flow.proto)
+            // Only flows the dataplane tracks whatever the action: TCP, UDP
+            // and echo of the flow's own family, from a non-gateway source.
+            let echo = if flow.src.is_ipv4() {
+                proto::ICMP
+            } else {
+                proto::ICMPV6
+            };
+            if ![proto::TCP, proto::UDP, echo].contains(&flow.proto)
                 || flow.src == IpAddr::V4(GW_UPLINK)
             {
                 continue;
@@ -682,27 +727,22 @@ fn classify_random_policy_sets_kernel_agrees_with_reference() {
                     .map(|(c, _)| c),
             };
             let expected = case.set.first_match(&ctx).map_or(NO_MATCH, |i| i as u32);
-            let (IpAddr::V4(src), IpAddr::V4(dst)) = (flow.src, flow.dst) else {
-                unreachable!("IPv4 checked above")
-            };
-            let dport = if flow.proto == proto::ICMP {
-                0
-            } else {
-                flow.dst_port
-            };
-            let entry = dp
-                .ct(&tuple(sa(src, sport), sa(dst, dport), flow.proto))
-                .unwrap_or_else(|| {
-                    panic!("round {round}: no flow entry for {flow:?} (verdict {verdict})")
-                });
+            let recorded = recorded_policy(&mut dp, &flow, sport).unwrap_or_else(|| {
+                panic!("round {round}: no flow entry for {flow:?} (verdict {verdict})")
+            });
             assert_eq!(
-                u32::from(entry.policy),
+                u32::from(recorded),
                 expected,
                 "round {round}: the kernel must pick the reference's policy for {ctx:?}"
             );
             checked += 1;
+            checked6 += usize::from(flow.src.is_ipv6());
         }
     }
+    assert!(
+        checked6 > 300,
+        "IPv6 flows must be sampled too, checked {checked6}"
+    );
     assert!(
         checked > 1000,
         "the sample must be substantial, checked {checked}"
