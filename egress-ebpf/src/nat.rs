@@ -318,7 +318,9 @@ fn translate<F: Family>(
 }
 
 /// Insert the reverse entry for the chosen address and a free port: the
-/// original source port when free, otherwise random ones from the range.
+/// original source port when free, otherwise the range's ports from a
+/// random start, one after the other (so a range no larger than the bound
+/// is searched completely, and a large one is entered at a random place).
 /// The claimed key is left in `scratch.rev_key`.
 #[inline(always)]
 fn claim_port<F: Family>(
@@ -346,16 +348,17 @@ fn claim_port<F: Family>(
         tuple.proto,
     );
     let span = u32::from(settings.port_max.saturating_sub(settings.port_min)) + 1;
+    // SAFETY: no preconditions.
+    let mut offset = unsafe { bpf_get_prandom_u32() } % span;
     let mut attempt = 0;
     while attempt < MAX_PORT_TRIES {
         match F::rev().insert(&scratch.rev_key, &scratch.rev, u64::from(BPF_NOEXIST)) {
             Ok(()) => return Ok(()),
             Err(err) if err == -EEXIST => {
                 count(Counter::PortCollisions);
-                // SAFETY: no preconditions.
-                let random = unsafe { bpf_get_prandom_u32() };
-                let port = u32::from(settings.port_min) + random % span;
+                let port = u32::from(settings.port_min) + offset;
                 scratch.rev_key.sport_be = (port as u16).to_be();
+                offset = if offset + 1 == span { 0 } else { offset + 1 };
             }
             Err(_) => return Err(Error::TableFull),
         }

@@ -56,10 +56,10 @@ pub fn count_flow_packet(policy_slot: u32, addr_slot: u16, side: Side, bytes: u3
     }
 }
 
-/// A new flow found no free port on this egress address.
+/// A new flow found no free port on this egress address (the drop itself
+/// is counted where the error becomes a verdict).
 #[inline(always)]
 pub fn count_exhausted(addr_slot: u16) {
-    count(Counter::DropPortExhausted);
     if let Some(stats) = EG_ADDR_STATS.get_ptr_mut(u32::from(addr_slot)) {
         // SAFETY: per-CPU slot of a preallocated array, see `count`.
         unsafe { (*stats).exhausted += 1 };
