@@ -398,3 +398,35 @@ fn explain_group_without_posture_names_only_posture_condition() {
         "the flow's value shown is its posture, not an empty user name: {line}"
     );
 }
+
+#[test]
+fn explain_link_scoped_multicast_and_link_local_pass_untouched() {
+    for (src, dst) in [
+        ("10.10.0.2", "224.0.0.251"),
+        ("0.0.0.0", "255.255.255.255"),
+        ("fe80::10", "2001:db8:2::1"),
+    ] {
+        let report = explain(
+            &example(),
+            &[
+                "--src",
+                src,
+                "--dst",
+                dst,
+                "--proto",
+                "udp",
+                "--dst-port",
+                "53",
+            ],
+        );
+        assert!(
+            result_line(&report).contains("link-scoped traffic")
+                && result_line(&report).contains("passes untouched"),
+            "{src} -> {dst} is passed untouched by the dataplane, so explain must say so:\n{report}"
+        );
+        assert!(
+            !report.contains("  [0] "),
+            "{src} -> {dst}: no policy is consulted for link-scoped traffic:\n{report}"
+        );
+    }
+}

@@ -26,6 +26,9 @@ pub enum Counter {
     IngressNotOurs,
     /// Non-IP frames (ARP, LLDP, ...) passed untouched.
     PassNonIp,
+    /// Link-scoped packets (from ::, 0.0.0.0 or a link-local address, or to
+    /// multicast) passed untouched.
+    PassLinkScoped,
     /// The original source port was taken; another one was searched for.
     PortCollisions,
     /// Fragments translated by the translation of their datagram's first one.
@@ -70,6 +73,7 @@ impl Counter {
         (Counter::IngressTranslated, "ingress_translated"),
         (Counter::IngressNotOurs, "ingress_not_ours"),
         (Counter::PassNonIp, "pass_non_ip"),
+        (Counter::PassLinkScoped, "pass_link_scoped"),
         (Counter::PortCollisions, "port_collisions"),
         (Counter::FragmentsTranslated, "fragments_translated"),
         (Counter::IcmpErrorsTranslated, "icmp_errors_translated"),

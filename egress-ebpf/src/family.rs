@@ -69,6 +69,9 @@ pub trait Family: Sized + 'static {
     /// This CPU's scratch space for setting up a new flow.
     fn scratch() -> Option<*mut Scratch<Self::Addr, Self::CtPad, Self::RevPad>>;
     fn is_local(addr: &Self::Addr) -> bool;
+    /// Link-scoped traffic that is never a forwarded client flow: from the
+    /// unspecified address (DAD, DHCP) or a link-local one, or to multicast.
+    fn link_scoped(tuple: &Tuple<Self::Addr>) -> bool;
     /// Class rows of the two prefix dimensions in `generation`.
     fn prefix_classes(generation: u8, tuple: &Tuple<Self::Addr>) -> Option<(u32, u32)>;
     fn identity(src: &Self::Addr) -> IdentityRef;
@@ -133,6 +136,12 @@ impl Family for Ipv4 {
     #[inline(always)]
     fn is_local(addr: &Addr4) -> bool {
         EG_LOCAL4.get_ptr(addr).is_some()
+    }
+    #[inline(always)]
+    fn link_scoped(tuple: &Tuple<Addr4>) -> bool {
+        let src = u32::from_be(tuple.src);
+        let dst = u32::from_be(tuple.dst);
+        src == 0 || src >> 16 == 0xa9fe || dst >> 28 == 0xe || dst == u32::MAX
     }
     #[inline(always)]
     fn prefix_classes(generation: u8, tuple: &Tuple<Addr4>) -> Option<(u32, u32)> {
@@ -240,6 +249,12 @@ impl Family for Ipv6 {
     #[inline(always)]
     fn is_local(addr: &Addr6) -> bool {
         EG_LOCAL6.get_ptr(addr).is_some()
+    }
+    #[inline(always)]
+    fn link_scoped(tuple: &Tuple<Addr6>) -> bool {
+        let src0 = u32::from_be(tuple.src[0]);
+        let unspecified = tuple.src[0] | tuple.src[1] | tuple.src[2] | tuple.src[3] == 0;
+        unspecified || src0 >> 22 == 0x3fa || u32::from_be(tuple.dst[0]) >> 24 == 0xff
     }
     #[inline(always)]
     fn prefix_classes(generation: u8, tuple: &Tuple<Addr6>) -> Option<(u32, u32)> {

@@ -42,6 +42,9 @@ pub const PASS: i32 = TC_ACT_OK as i32;
 /// Each attempt is one hash insert; the bound keeps the verifier (and the
 /// worst-case first-packet latency) in check.
 const MAX_PORT_TRIES: u32 = 32;
+/// Consecutive ports tried before jumping to a new random place in a range
+/// larger than `MAX_PORT_TRIES`.
+const PORT_RUN: u32 = 8;
 const EEXIST: i32 = 17;
 
 /// Benchmarks only (set at load time; 0 in production, where the verifier
@@ -183,6 +186,14 @@ fn new_flow<F: Family>(ctx: &TcContext, pkt: &Packet<F>, now: u64) -> i32 {
 
 #[inline(always)]
 fn first_packet<F: Family>(ctx: &TcContext, pkt: &Packet<F>, now: u64) -> Result<i32, Error> {
+    // The gateway's own link-scoped packets (IPv6 duplicate address
+    // detection and listener reports from ::, neighbour and router
+    // discovery from link-local addresses, multicast) are never flows to
+    // steer: left untouched, and not tracked.
+    if F::link_scoped(&pkt.tuple) {
+        count(Counter::PassLinkScoped);
+        return Ok(PASS);
+    }
     count(Counter::FlowsNew);
     let src = pkt.tuple.src;
     // Built in per-CPU scratch space: the stack cannot also hold it.
@@ -318,9 +329,11 @@ fn translate<F: Family>(
 }
 
 /// Insert the reverse entry for the chosen address and a free port: the
-/// original source port when free, otherwise the range's ports from a
-/// random start, one after the other (so a range no larger than the bound
-/// is searched completely, and a large one is entered at a random place).
+/// original source port when free, otherwise the range's ports in runs of
+/// consecutive ports from random starts. A range no larger than the bound is
+/// one run, so it is searched completely; a large one gets several short
+/// runs, because client stacks hand out ephemeral ports in blocks and one
+/// long run that starts inside a fully used block would never leave it.
 /// The claimed key is left in `scratch.rev_key`.
 #[inline(always)]
 fn claim_port<F: Family>(
@@ -348,6 +361,7 @@ fn claim_port<F: Family>(
         tuple.proto,
     );
     let span = u32::from(settings.port_max.saturating_sub(settings.port_min)) + 1;
+    let reseed = span > MAX_PORT_TRIES;
     // SAFETY: no preconditions.
     let mut offset = unsafe { bpf_get_prandom_u32() } % span;
     let mut attempt = 0;
@@ -358,7 +372,14 @@ fn claim_port<F: Family>(
                 count(Counter::PortCollisions);
                 let port = u32::from(settings.port_min) + offset;
                 scratch.rev_key.sport_be = (port as u16).to_be();
-                offset = if offset + 1 == span { 0 } else { offset + 1 };
+                offset = if reseed && (attempt + 1) % PORT_RUN == 0 {
+                    // SAFETY: no preconditions.
+                    (unsafe { bpf_get_prandom_u32() }) % span
+                } else if offset + 1 == span {
+                    0
+                } else {
+                    offset + 1
+                };
             }
             Err(_) => return Err(Error::TableFull),
         }

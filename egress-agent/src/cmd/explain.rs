@@ -146,6 +146,12 @@ pub fn report(set: &PolicySet, args: &ExplainArgs) -> anyhow::Result<String> {
         let _ = write!(out, ", destination country {c}");
     }
     out.push('\n');
+    if flow.is_link_scoped() {
+        out.push_str(
+            "result: link-scoped traffic (unspecified or link-local source, multicast or broadcast destination) passes untouched; no policy is consulted\n",
+        );
+        return Ok(out);
+    }
 
     let matched = set.first_match(&ctx);
     for (i, p) in set.policies.iter().enumerate() {

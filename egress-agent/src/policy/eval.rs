@@ -21,6 +21,28 @@ pub struct Flow {
     pub dst_port: u16,
 }
 
+impl Flow {
+    /// Traffic the dataplane passes untouched and untracked before any
+    /// policy is consulted: from the unspecified address (DHCP, duplicate
+    /// address detection) or a link-local one, or to multicast or the
+    /// limited broadcast. It never leaves the local link, so it has no
+    /// egress to steer.
+    pub fn is_link_scoped(&self) -> bool {
+        match (self.src, self.dst) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                src.is_unspecified()
+                    || src.is_link_local()
+                    || dst.is_multicast()
+                    || dst.is_broadcast()
+            }
+            (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                src.is_unspecified() || src.is_unicast_link_local() || dst.is_multicast()
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A flow with what the gateway knows about its ends.
 #[derive(Clone, Copy, Debug)]
 pub struct Context<'a> {

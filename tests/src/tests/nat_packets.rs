@@ -1332,3 +1332,73 @@ fn reload_keeping_pool_established_flows_keep_translation() {
     );
     assert_eq!(dp.counter(Counter::FlowsTranslated), 5);
 }
+
+/// Entries of the IPv4 connection table.
+fn ipv4_flows(dp: &mut Dp) -> usize {
+    let map = dp
+        .dataplane_mut()
+        .ebpf_mut()
+        .map(maps::CT4)
+        .expect("the IPv4 connection table");
+    let ct: BpfHashMap<_, egress_common::flow::Tuple4, egress_common::conntrack::CtEntry4> =
+        BpfHashMap::try_from(map).unwrap();
+    ct.keys().count()
+}
+
+#[test]
+fn link_scoped_dhcp_mdns_link_local_pass_untouched_untracked() {
+    let mut dp = Dp::new(POLICY);
+    let link_local = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0x10);
+    let frames = [
+        // DHCP discover: from the unspecified address to the broadcast.
+        packet::udp(
+            sa(Ipv4Addr::UNSPECIFIED, 68),
+            sa(Ipv4Addr::BROADCAST, 67),
+            b"discover",
+        ),
+        // mDNS to its multicast group.
+        packet::udp(
+            sa(CLIENT, 5353),
+            sa(Ipv4Addr::new(224, 0, 0, 251), 5353),
+            b"query",
+        ),
+        // A host with only a link-local address talking to a public server.
+        packet::udp(
+            sa(Ipv4Addr::new(169, 254, 7, 9), 4000),
+            sa(SERVER_PUBLIC, 53),
+            b"stray",
+        ),
+        // DHCPv6 solicit from a link-local address to all DHCP agents.
+        packet::udp6(
+            sa6(link_local, 546),
+            sa6(Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 1, 2), 547),
+            b"solicit",
+        ),
+        // A global client sending to a site multicast group.
+        packet::udp6(
+            sa6(CLIENT6, 4000),
+            sa6(Ipv6Addr::new(0xff05, 0, 0, 0, 0, 0, 0, 0x1234), 4000),
+            b"group",
+        ),
+    ];
+    for frame in &frames {
+        let (verdict, out) = dp.egress(frame);
+        assert_eq!(verdict, TC_ACT_OK, "link-scoped traffic must pass");
+        assert_eq!(&out, frame, "link-scoped traffic must leave byte-identical");
+    }
+    assert_eq!(
+        dp.counter(Counter::PassLinkScoped),
+        frames.len() as u64,
+        "every link-scoped packet is counted once"
+    );
+    assert_eq!(dp.counter(Counter::FlowsNew), 0, "no flow may be created");
+    assert_eq!(ipv4_flows(&mut dp), 0, "the IPv4 table must stay empty");
+    assert_eq!(ipv6_flows(&mut dp), 0, "the IPv6 table must stay empty");
+
+    // A global client's unicast flow is still translated.
+    out_ok(
+        &mut dp,
+        &packet::udp(sa(CLIENT, 4000), sa(SERVER_PUBLIC, 53), b"q"),
+    );
+    assert_eq!(dp.counter(Counter::FlowsTranslated), 1);
+}
