@@ -195,13 +195,15 @@ pub enum Frame {
 #[inline(always)]
 pub fn frame(ctx: &TcContext) -> Result<Frame, Error> {
     // Headers may sit in paged data on some drivers; make the part we parse
-    // linear so direct packet access can reach it. Cheap when already linear.
-    if ctx.data() + (PULL_LEN as usize) > ctx.data_end() {
-        let want = if ctx.len() < PULL_LEN {
-            ctx.len()
-        } else {
-            PULL_LEN
-        };
+    // linear so direct packet access can reach it. The helper is not free
+    // (it may unclone the skb and always recomputes the data pointers), so
+    // it is called only when the linear part is really short of it.
+    let want = if ctx.len() < PULL_LEN {
+        ctx.len()
+    } else {
+        PULL_LEN
+    };
+    if ctx.data() + (want as usize) > ctx.data_end() {
         // Failure is not fatal: the bounds checks decide.
         let _ = ctx.pull_data(want);
     }

@@ -47,7 +47,14 @@ pub fn build_ebpf(tools: &Tools) -> anyhow::Result<PathBuf> {
             .env("RUSTC", BPF_RUSTC)
             // aya-ebpf enables asm_experimental_arch on the bpf target.
             .env("RUSTC_BOOTSTRAP", "1")
-            .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf -D warnings")
+            // bpf-linker's default (--bpf-expand-memcpy-in-order) turns every
+            // memset, even a 16-byte one, into a call to a byte-at-a-time
+            // loop. Without it LLVM emits plain stores: an established
+            // flow's packet went from 220 to 177 ns in `cargo xtask bench`.
+            .env(
+                "RUSTFLAGS",
+                "-C debuginfo=2 -C link-arg=--btf -C link-arg=--disable-expand-memcpy-in-order -D warnings",
+            )
             .env("PATH", std::env::join_paths(paths)?)
             .env_remove("RUSTC_WRAPPER")
             .env_remove("RUSTC_WORKSPACE_WRAPPER")
