@@ -19,6 +19,7 @@ use egress_common::{
     },
     flow::{Tuple, Tuple4, Tuple6, proto},
     maps,
+    stats::Traffic,
 };
 
 use crate::policy::model::Timeouts;
@@ -70,10 +71,8 @@ pub struct Flow {
     pub identity: u32,
     pub created_ns: u64,
     pub last_seen_ns: u64,
-    pub packets_out: u64,
-    pub bytes_out: u64,
-    pub packets_in: u64,
-    pub bytes_in: u64,
+    /// Both directions' packets and bytes.
+    pub traffic: Traffic,
 }
 
 /// Counts from one sweep.
@@ -148,10 +147,12 @@ where
                     identity: ct.identity,
                     created_ns: ct.created_ns,
                     last_seen_ns: ct.last_seen_ns.max(rev.map_or(0, |r| r.last_seen_ns)),
-                    packets_out: ct.packets,
-                    bytes_out: ct.bytes,
-                    packets_in: rev.map_or(0, |r| r.packets),
-                    bytes_in: rev.map_or(0, |r| r.bytes),
+                    traffic: Traffic {
+                        packets_out: ct.packets,
+                        bytes_out: ct.bytes,
+                        packets_in: rev.map_or(0, |r| r.packets),
+                        bytes_in: rev.map_or(0, |r| r.bytes),
+                    },
                 })
             })
             .collect()

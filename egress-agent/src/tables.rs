@@ -613,12 +613,7 @@ impl Tables {
                 .get(&u32::from(*slot), 0)
                 .map_err(write_err(maps::ADDR_STATS))?;
             let sum = values.iter().fold(AddrStats::default(), |mut a, v| {
-                a.flows += v.flows;
-                a.exhausted += v.exhausted;
-                a.packets_out += v.packets_out;
-                a.bytes_out += v.bytes_out;
-                a.packets_in += v.packets_in;
-                a.bytes_in += v.bytes_in;
+                a.add(v);
                 a
             });
             out.push((label.clone(), sum));
@@ -634,11 +629,7 @@ impl Tables {
             .get(&slot, 0)
             .map_err(write_err(maps::POLICY_STATS))?;
         Ok(values.iter().fold(PolicyStats::default(), |mut sum, v| {
-            sum.flows += v.flows;
-            sum.packets_out += v.packets_out;
-            sum.bytes_out += v.bytes_out;
-            sum.packets_in += v.packets_in;
-            sum.bytes_in += v.bytes_in;
+            sum.add(v);
             sum
         }))
     }

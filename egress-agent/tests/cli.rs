@@ -1,13 +1,13 @@
 //! The `egress-agent` binary as a user runs it: `check` on good and bad files.
 
-use std::{path::PathBuf, process::Command};
+use std::path::PathBuf;
 
-fn agent() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_egress-agent"))
-}
+mod common;
+
+use common::{TempDir, agent};
 
 fn example() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/policies.json")
+    common::example("policies.json")
 }
 
 #[test]
@@ -42,8 +42,7 @@ fn check_example_prints_compiled_summary() {
 #[test]
 fn check_bad_inputs_fail_with_one_line_naming_the_path() {
     let text = std::fs::read_to_string(example()).unwrap();
-    let dir = std::env::temp_dir().join(format!("egress-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("bad-inputs");
     let cases = [
         (
             "\"10.0.0.0/8\"",
@@ -73,8 +72,7 @@ fn check_bad_inputs_fail_with_one_line_naming_the_path() {
         ("{", "{{", "not valid JSON"),
     ];
     for (i, (from, to, expected)) in cases.into_iter().enumerate() {
-        let path = dir.join(format!("bad{i}.json"));
-        std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
+        let path = dir.write(&format!("bad{i}.json"), &text.replacen(from, to, 1));
         let out = agent().arg("check").arg(&path).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{expected}: check must fail");
@@ -92,7 +90,6 @@ fn check_bad_inputs_fail_with_one_line_naming_the_path() {
             "{stderr} must contain {expected}"
         );
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -3,45 +3,15 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Output},
-    sync::atomic::{AtomicUsize, Ordering},
+    process::Output,
 };
 
-fn agent() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_egress-agent"))
-}
+mod common;
+
+use common::{TempDir, agent};
 
 fn example() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/policies.json")
-}
-
-/// A directory of its own under the system temp dir, removed on drop (so
-/// also when the test panics).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "egress-explain-{}-{}-{test}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).expect("the temp dir can be created");
-        Self(path)
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).expect("the temp file can be written");
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    common::example("policies.json")
 }
 
 fn run_explain(config: &Path, args: &[&str]) -> Output {

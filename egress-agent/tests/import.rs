@@ -3,51 +3,21 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Output},
-    sync::atomic::{AtomicUsize, Ordering},
+    process::Output,
 };
 
 use serde_json::Value;
 
-fn agent() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_egress-agent"))
-}
+mod common;
+
+use common::{TempDir, agent};
 
 fn example() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/gateway-rules.json")
+    common::example("gateway-rules.json")
 }
 
 fn example_text() -> String {
     std::fs::read_to_string(example()).expect("examples/gateway-rules.json is readable")
-}
-
-/// A directory of its own under the system temp dir, removed on drop (so
-/// also when the test panics).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "egress-import-{}-{}-{test}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).expect("the temp dir can be created");
-        Self(path)
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).expect("the temp file can be written");
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn import(file: &Path, extra: &[&str]) -> Output {
@@ -341,7 +311,7 @@ fn import_default_ipv6_sets_default_egress() {
 #[test]
 fn import_output_flag_writes_file_and_prints_nothing() {
     let dir = TempDir::new("output");
-    let target = dir.0.join("policies.json");
+    let target = dir.join("policies.json");
     let out = import(
         &example(),
         &[

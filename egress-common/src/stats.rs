@@ -90,23 +90,68 @@ impl Counter {
 }
 const _: () = assert!(Counter::ALL.len() == Counter::COUNT as usize);
 
+/// Which way a packet crosses the gateway, relative to its flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// From the client towards the destination.
+    Out,
+    /// A reply, towards the client.
+    In,
+}
+
+/// Packets and bytes (L3 length) of flows, each way.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+}
+const _: () = assert!(size_of::<Traffic>() == 32);
+
+impl Traffic {
+    /// Count one packet of `bytes` on `side`.
+    #[inline(always)]
+    pub fn record(&mut self, side: Side, bytes: u32) {
+        let (packets, total) = match side {
+            Side::Out => (&mut self.packets_out, &mut self.bytes_out),
+            Side::In => (&mut self.packets_in, &mut self.bytes_in),
+        };
+        *packets += 1;
+        *total += u64::from(bytes);
+    }
+
+    /// Add another CPU's (or flow's) counts.
+    pub fn add(&mut self, other: &Self) {
+        self.packets_out += other.packets_out;
+        self.bytes_out += other.bytes_out;
+        self.packets_in += other.packets_in;
+        self.bytes_in += other.bytes_in;
+    }
+}
+
 /// Per-policy counters (one per-CPU slot per policy).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PolicyStats {
     /// Flows this policy classified.
     pub flows: u64,
-    /// Outgoing packets and bytes (L3 length) of those flows.
-    pub packets_out: u64,
-    pub bytes_out: u64,
-    /// Reply packets and bytes (L3 length) of those flows.
-    pub packets_in: u64,
-    pub bytes_in: u64,
+    /// Packets of those flows, each way.
+    pub traffic: Traffic,
 }
 const _: () = assert!(size_of::<PolicyStats>() == 40);
 #[cfg(feature = "user")]
 // SAFETY: repr(C), only integers, no implicit padding (size asserted above).
 unsafe impl aya::Pod for PolicyStats {}
+
+impl PolicyStats {
+    /// Add another CPU's counts.
+    pub fn add(&mut self, other: &Self) {
+        self.flows += other.flows;
+        self.traffic.add(&other.traffic);
+    }
+}
 
 /// Per-policy counter slots: enough for two full policy sets with no name in
 /// common, so a reload never has to reuse a slot the previous set still counts in.
@@ -125,12 +170,19 @@ pub struct AddrStats {
     pub flows: u64,
     /// New flows dropped because no port was free towards their destination.
     pub exhausted: u64,
-    pub packets_out: u64,
-    pub bytes_out: u64,
-    pub packets_in: u64,
-    pub bytes_in: u64,
+    /// Packets of its flows, each way.
+    pub traffic: Traffic,
 }
 const _: () = assert!(size_of::<AddrStats>() == 48);
 #[cfg(feature = "user")]
 // SAFETY: repr(C), only integers, no implicit padding (size asserted above).
 unsafe impl aya::Pod for AddrStats {}
+
+impl AddrStats {
+    /// Add another CPU's counts.
+    pub fn add(&mut self, other: &Self) {
+        self.flows += other.flows;
+        self.exhausted += other.exhausted;
+        self.traffic.add(&other.traffic);
+    }
+}

@@ -25,7 +25,7 @@ use egress_common::{
         FRAG_INGRESS, RevEntry, Scratch,
     },
     flow::Tuple,
-    stats::{Counter, DEFAULT_STATS_SLOT},
+    stats::{Counter, DEFAULT_STATS_SLOT, Side},
 };
 
 use crate::{
@@ -34,7 +34,7 @@ use crate::{
     family::{Csums, Family, Ipv4, Ipv6, outer},
     frag, icmp,
     parse::{self, Direction, Frag, Frame, L3_OFF, L4, Packet, TCP_FIN, TCP_RST, TCP_SYN},
-    stats::{Side, count, count_exhausted, count_flow_packet},
+    stats::{count, count_exhausted, count_flow_packet},
 };
 
 pub const PASS: i32 = TC_ACT_OK as i32;

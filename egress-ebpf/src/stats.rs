@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
 //! Counting into the per-CPU maps: the dataplane's only way of reporting.
 
-use egress_common::stats::{AddrStats, Counter, PolicyStats};
+use egress_common::stats::{AddrStats, Counter, PolicyStats, Side};
 
 use crate::maps::{EG_ADDR_STATS, EG_POLICY_STATS, EG_STATS};
 
@@ -14,13 +14,6 @@ pub fn count(counter: Counter) {
     }
 }
 
-/// Which side of a flow a packet belongs to.
-#[derive(Clone, Copy)]
-pub enum Side {
-    Out,
-    In,
-}
-
 /// Count a packet against its policy and its egress address.
 #[inline(always)]
 pub fn count_flow_packet(policy_slot: u32, addr_slot: u16, side: Side, bytes: u32, new_flow: bool) {
@@ -28,31 +21,13 @@ pub fn count_flow_packet(policy_slot: u32, addr_slot: u16, side: Side, bytes: u3
         // SAFETY: per-CPU slot of a preallocated array, see `count`.
         let stats: &mut PolicyStats = unsafe { &mut *stats };
         stats.flows += u64::from(new_flow);
-        match side {
-            Side::Out => {
-                stats.packets_out += 1;
-                stats.bytes_out += u64::from(bytes);
-            }
-            Side::In => {
-                stats.packets_in += 1;
-                stats.bytes_in += u64::from(bytes);
-            }
-        }
+        stats.traffic.record(side, bytes);
     }
     if let Some(stats) = EG_ADDR_STATS.get_ptr_mut(u32::from(addr_slot)) {
         // SAFETY: per-CPU slot of a preallocated array, see `count`.
         let stats: &mut AddrStats = unsafe { &mut *stats };
         stats.flows += u64::from(new_flow);
-        match side {
-            Side::Out => {
-                stats.packets_out += 1;
-                stats.bytes_out += u64::from(bytes);
-            }
-            Side::In => {
-                stats.packets_in += 1;
-                stats.bytes_in += u64::from(bytes);
-            }
-        }
+        stats.traffic.record(side, bytes);
     }
 }
 

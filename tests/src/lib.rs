@@ -7,6 +7,7 @@ pub mod agent;
 pub mod lab;
 pub mod netns;
 pub mod probe;
+pub mod tempdir;
 
 #[cfg(test)]
 mod tests;

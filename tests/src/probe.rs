@@ -142,28 +142,33 @@ impl Drop for Servers {
     }
 }
 
+/// One connection of a TCP echo server: the `SEEN` greeting, then every
+/// byte back until EOF, an error or `timeout` of silence.
+pub fn serve_echo(mut conn: TcpStream, peer: SocketAddr, timeout: Duration) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(timeout));
+    let _ = conn.set_write_timeout(Some(timeout));
+    if writeln!(conn, "SEEN {peer}").is_err() {
+        return;
+    }
+    let mut buf = [0u8; 16384];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if conn.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 fn tcp_server(listener: &TcpListener, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
-            Ok((mut conn, peer)) => {
-                std::thread::spawn(move || {
-                    let _ = conn.set_nonblocking(false);
-                    let _ = conn.set_read_timeout(Some(IO_TIMEOUT));
-                    if writeln!(conn, "SEEN {peer}").is_err() {
-                        return;
-                    }
-                    let mut buf = [0u8; 16384];
-                    loop {
-                        match conn.read(&mut buf) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => {
-                                if conn.write_all(&buf[..n]).is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                });
+            Ok((conn, peer)) => {
+                std::thread::spawn(move || serve_echo(conn, peer, IO_TIMEOUT));
             }
             Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }

@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use egress_common::stats::Traffic;
 use log::{debug, error, info, warn};
 use tokio::{
     io::unix::AsyncFd,
@@ -332,8 +333,10 @@ impl Agent {
         for p in self.tables.active_policies() {
             if let Ok(s) = self.tables.policy_stats(p.stats_slot) {
                 info!(
-                    "policy {:?}: flows={} packets_out={} bytes_out={} packets_in={} bytes_in={}",
-                    p.name, s.flows, s.packets_out, s.bytes_out, s.packets_in, s.bytes_in
+                    "policy {:?}: flows={} {}",
+                    p.name,
+                    s.flows,
+                    traffic(&s.traffic)
                 );
             }
         }
@@ -349,12 +352,22 @@ impl Agent {
                         .count(),
                 };
                 info!(
-                    "egress {addr}: flows={} active={active} exhausted={} packets_out={} bytes_out={} packets_in={} bytes_in={}",
-                    s.flows, s.exhausted, s.packets_out, s.bytes_out, s.packets_in, s.bytes_in
+                    "egress {addr}: flows={} active={active} exhausted={} {}",
+                    s.flows,
+                    s.exhausted,
+                    traffic(&s.traffic)
                 );
             }
         }
     }
+}
+
+/// Packet and byte counts each way, as the stop log prints them.
+fn traffic(t: &Traffic) -> String {
+    format!(
+        "packets_out={} bytes_out={} packets_in={} bytes_in={}",
+        t.packets_out, t.bytes_out, t.packets_in, t.bytes_in
+    )
 }
 
 /// Whether a flow translated to `nat_addr` (with `flags`) leaves the way

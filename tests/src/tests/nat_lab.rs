@@ -9,10 +9,10 @@ use std::{
     collections::HashSet,
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -32,6 +32,7 @@ use crate::{
     },
     netns::NetNs,
     probe::{self, Servers},
+    tempdir::TempDir,
 };
 
 // ---------------------------------------------------------------------------
@@ -47,39 +48,6 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u64 * 7 + i as u64 / 251 + seed * 131) as u8)
         .collect()
-}
-
-/// A unique temporary directory for a test's policy files, removed on drop
-/// (also when the test panics).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(label: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "egress-nat-lab-{label}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating the temp dir");
-        Self(dir)
-    }
-
-    /// Write `text` to `name` atomically (a reload never reads half a file).
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        let tmp = self.0.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, text).expect("writing a policy file");
-        std::fs::rename(&tmp, &path).expect("renaming a policy file");
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A policy file: `pools` (the inside of "egress_pools"), `policies`
@@ -217,7 +185,7 @@ impl Echo {
                     Ok((conn, peer)) => {
                         let _ = std::thread::Builder::new()
                             .stack_size(128 * 1024)
-                            .spawn(move || echo_conn(conn, peer));
+                            .spawn(move || probe::serve_echo(conn, peer, Duration::from_secs(60)));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(1)),
                 }
@@ -226,26 +194,6 @@ impl Echo {
         Self {
             stop,
             accept: Some(accept),
-        }
-    }
-}
-
-fn echo_conn(mut conn: TcpStream, peer: SocketAddr) {
-    let _ = conn.set_nonblocking(false);
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
-    let _ = conn.set_write_timeout(Some(Duration::from_secs(60)));
-    if writeln!(conn, "SEEN {peer}").is_err() {
-        return;
-    }
-    let mut buf = [0u8; 16384];
-    loop {
-        match conn.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if conn.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
         }
     }
 }

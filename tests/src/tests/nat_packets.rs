@@ -16,7 +16,7 @@ use egress_common::{
     conntrack::CtEntry6,
     flow::Tuple6,
     maps,
-    stats::{AddrStats, Counter},
+    stats::{AddrStats, Counter, Traffic},
 };
 use etherparse::{Icmpv4Type, Icmpv6Type, icmpv4, icmpv6};
 
@@ -1223,10 +1223,12 @@ fn addr_stats_flows_packets_bytes_both_directions_exact() {
         AddrStats {
             flows: 2,
             exhausted: 0,
-            packets_out: 4,
-            bytes_out: 3 * 38 + 40,
-            packets_in: 3,
-            bytes_in: 2 * 32 + 42,
+            traffic: Traffic {
+                packets_out: 4,
+                bytes_out: 3 * 38 + 40,
+                packets_in: 3,
+                bytes_in: 2 * 32 + 42,
+            },
         },
         "the pool address counts its two flows, every packet and IP byte both ways"
     );
@@ -1235,10 +1237,12 @@ fn addr_stats_flows_packets_bytes_both_directions_exact() {
         AddrStats {
             flows: 1,
             exhausted: 0,
-            packets_out: 1,
-            bytes_out: 52,
-            packets_in: 1,
-            bytes_in: 50,
+            traffic: Traffic {
+                packets_out: 1,
+                bytes_out: 52,
+                packets_in: 1,
+                bytes_in: 50,
+            },
         },
         "the IPv6 range counts its flow"
     );

@@ -533,10 +533,14 @@ fn snat_policy_counters_count_packets_and_bytes_both_ways() {
     let stats = dp.tables().policy_stats(slot).unwrap();
     let l3 = (out_pkt.len() - 14) as u64;
     assert_eq!(stats.flows, 1, "one flow");
-    assert_eq!(stats.packets_out, 3, "three packets out");
-    assert_eq!(stats.bytes_out, 3 * l3, "bytes out are IP lengths");
-    assert_eq!(stats.packets_in, 1, "one reply");
-    assert_eq!(stats.bytes_in, 20 + 20 + 2, "reply bytes are its IP length");
+    assert_eq!(stats.traffic.packets_out, 3, "three packets out");
+    assert_eq!(stats.traffic.bytes_out, 3 * l3, "bytes out are IP lengths");
+    assert_eq!(stats.traffic.packets_in, 1, "one reply");
+    assert_eq!(
+        stats.traffic.bytes_in,
+        20 + 20 + 2,
+        "reply bytes are its IP length"
+    );
 }
 
 #[test]

@@ -18,6 +18,7 @@ use crate::{
     },
     netns::NetNs,
     probe::{self, Servers},
+    tempdir::TempDir,
 };
 
 fn example() -> String {
@@ -208,13 +209,11 @@ fn steer_netlink_attach_mode_removes_its_qdisc_on_exit() {
 fn steer_bad_policy_file_exits_with_path_and_attaches_nothing() {
     require_root();
     let lab = Lab::new(0).unwrap();
-    let dir = std::env::temp_dir().join(format!("egress-bad-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let bad = dir.join("bad.json");
+    let dir = TempDir::new("bad-policy");
     let text = std::fs::read_to_string(example())
         .unwrap()
         .replace("\"10.0.0.0/8\"", "\"10.0.0.0/33\"");
-    std::fs::write(&bad, text).unwrap();
+    let bad = dir.write("bad.json", &text);
     let mut agent = Agent::start(
         &lab.gw,
         "agent",
@@ -236,7 +235,6 @@ fn steer_bad_policy_file_exits_with_path_and_attaches_nothing() {
         .unwrap_or_else(|_| std::process::ExitStatus::default());
     assert!(!status.success(), "a bad policy file must fail the agent");
     assert_eq!(tcx_programs(&lab.gw, UPLINK), 0, "nothing may be attached");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Two policy sets that agree on everything except a pair of flows, chosen
@@ -269,12 +267,10 @@ fn reload_swapping_sets_under_traffic_never_mixes_tables() {
     require_root();
     let lab = Lab::new(1).unwrap();
     let _servers = Servers::start(&lab.inet, &servers(), &[443]).unwrap();
-    let dir = std::env::temp_dir().join(format!("egress-swap-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("policies.json");
+    let dir = TempDir::new("swap");
     let set_a = swap_set(Lab::client_addr(0), SERVER_PARTNER);
     let set_b = swap_set(Lab::client_addr(1), SERVER_PUBLIC);
-    std::fs::write(&config, &set_a).unwrap();
+    let config = dir.write("policies.json", &set_a);
     let agent = Agent::start(
         &lab.gw,
         "agent",
@@ -320,9 +316,7 @@ fn reload_swapping_sets_under_traffic_never_mixes_tables() {
     let mut reloads = 0;
     while Instant::now() < deadline {
         let next = if reloads % 2 == 0 { &set_b } else { &set_a };
-        let tmp = dir.join("next.json");
-        std::fs::write(&tmp, next).unwrap();
-        std::fs::rename(&tmp, &config).unwrap();
+        dir.write("policies.json", next);
         agent.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
         reloads += 1;
         std::thread::sleep(Duration::from_millis(40));
@@ -368,5 +362,4 @@ fn reload_swapping_sets_under_traffic_never_mixes_tables() {
         seen.iter().all(|s| s.intact),
         "every answer must come back intact"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
