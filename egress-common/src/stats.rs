@@ -27,7 +27,7 @@ pub enum Counter {
     /// Non-IP frames (ARP, LLDP, ...) passed untouched.
     PassNonIp,
     /// Link-scoped packets (from ::, 0.0.0.0 or a link-local address, or to
-    /// multicast) passed untouched.
+    /// multicast or the limited broadcast) passed untouched.
     PassLinkScoped,
     /// The original source port was taken; another one was searched for.
     PortCollisions,

@@ -70,7 +70,8 @@ pub trait Family: Sized + 'static {
     fn scratch() -> Option<*mut Scratch<Self::Addr, Self::CtPad, Self::RevPad>>;
     fn is_local(addr: &Self::Addr) -> bool;
     /// Link-scoped traffic that is never a forwarded client flow: from the
-    /// unspecified address (DAD, DHCP) or a link-local one, or to multicast.
+    /// unspecified address (DAD, DHCP) or a link-local one, or to multicast
+    /// (or the IPv4 limited broadcast).
     fn link_scoped(tuple: &Tuple<Self::Addr>) -> bool;
     /// Class rows of the two prefix dimensions in `generation`.
     fn prefix_classes(generation: u8, tuple: &Tuple<Self::Addr>) -> Option<(u32, u32)>;
