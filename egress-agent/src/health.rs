@@ -4,12 +4,12 @@
 //! one goes down, and back when it recovers.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Duration,
 };
 
-use tokio::net::TcpSocket;
+use tokio::{net::TcpSocket, task::JoinSet};
 
 use crate::policy::model::{Health, HealthCheck};
 
@@ -24,6 +24,33 @@ struct State {
 #[derive(Default)]
 pub struct Monitor {
     state: HashMap<Ipv4Addr, State>,
+}
+
+/// The addresses of `addrs` that pass this round's check. Probes run all at
+/// once, so a round takes one probe timeout however many addresses are dead.
+async fn checks(health: &Health, addrs: &[Ipv4Addr], local: &[IpAddr]) -> HashSet<Ipv4Addr> {
+    let present = addrs
+        .iter()
+        .copied()
+        .filter(|a| local.contains(&IpAddr::V4(*a)));
+    match health.check {
+        HealthCheck::None => addrs.iter().copied().collect(),
+        HealthCheck::Address => present.collect(),
+        HealthCheck::Probe(target) => {
+            let within = health.interval / 2;
+            let mut probes = JoinSet::new();
+            for addr in present {
+                probes.spawn(async move { (addr, probe(addr, target, within).await) });
+            }
+            let mut passed = HashSet::new();
+            while let Some(done) = probes.join_next().await {
+                if let Ok((addr, true)) = done {
+                    passed.insert(addr);
+                }
+            }
+            passed
+        }
+    }
 }
 
 /// Whether a TCP connection from `from` to `target` completes in time.
@@ -64,16 +91,11 @@ impl Monitor {
         local: &[IpAddr],
     ) -> Vec<(Ipv4Addr, bool)> {
         self.state.retain(|a, _| addrs.contains(a));
+        let passed = checks(health, addrs, local).await;
         let mut changed = Vec::new();
         for &addr in addrs {
             let present = local.contains(&IpAddr::V4(addr));
-            let ok = match health.check {
-                HealthCheck::None => true,
-                HealthCheck::Address => present,
-                HealthCheck::Probe(target) => {
-                    present && probe(addr, target, health.interval / 2).await
-                }
-            };
+            let ok = passed.contains(&addr);
             let state = self.state.entry(addr).or_insert(State {
                 up: true,
                 streak: 0,

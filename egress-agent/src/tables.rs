@@ -142,6 +142,8 @@ pub struct ActivePolicy {
 }
 
 /// Write only the elements of `new` that differ from `held`, at `base + i`.
+/// `held` follows every write, so after a failure it still says what the
+/// map holds and the next attempt rewrites exactly what is missing.
 fn sync_array<V: Pod + PartialEq>(
     map: &mut Array<MapData, V>,
     name: &'static str,
@@ -154,11 +156,15 @@ fn sync_array<V: Pod + PartialEq>(
         if held.get(i) != Some(value) {
             map.set(base + i as u32, value, 0)
                 .map_err(write_err(name))?;
+            // Elements before `i` are all in `held`, so `i <= held.len()`.
+            match held.get_mut(i) {
+                Some(slot) => *slot = *value,
+                None => held.push(*value),
+            }
             writes += 1;
         }
     }
-    held.clear();
-    held.extend_from_slice(new);
+    held.truncate(new.len());
     Ok(writes)
 }
 
@@ -175,18 +181,24 @@ fn sync_trie<N: Copy + Eq + Hash, K: Pod>(
 ) -> Result<(usize, usize), TablesError> {
     let next: HashMap<N, u32> = new.iter().map(|(n, class)| (*n, base + class)).collect();
     let (mut writes, mut deletes) = (0, 0);
-    for net in held.keys().filter(|n| !next.contains_key(*n)) {
-        trie.remove(&key(*net)).map_err(write_err(name))?;
+    // `held` follows every write, as in `sync_array`.
+    let stale: Vec<N> = held
+        .keys()
+        .filter(|n| !next.contains_key(*n))
+        .copied()
+        .collect();
+    for net in stale {
+        trie.remove(&key(net)).map_err(write_err(name))?;
+        held.remove(&net);
         deletes += 1;
     }
-    for (net, value) in &next {
-        if held.get(net) != Some(value) {
-            trie.insert(&key(*net), *value, 0)
-                .map_err(write_err(name))?;
+    for (net, value) in next {
+        if held.get(&net) != Some(&value) {
+            trie.insert(&key(net), value, 0).map_err(write_err(name))?;
+            held.insert(net, value);
             writes += 1;
         }
     }
-    *held = next;
     Ok((writes, deletes))
 }
 
@@ -285,11 +297,6 @@ impl Tables {
             active_policies: Vec::new(),
             last_flip: None,
         })
-    }
-
-    /// The generation new flows are classified against, once one was applied.
-    pub fn active_generation(&self) -> Option<u32> {
-        self.active
     }
 
     /// Policies of the active set with their counter slots, in list order.
@@ -400,6 +407,9 @@ impl Tables {
             }
         }
         let slots = self.assign_slots(set)?;
+        // Fallible but map-free: before the first write.
+        debug_assert!(compiled.pools.len() <= MAX_POOLS as usize);
+        let pools = self.pools_with_slots(set, &compiled.pools)?;
         let mut report = ApplyReport {
             generation,
             classes: compiled.classes.len(),
@@ -499,9 +509,6 @@ impl Tables {
             shadow.default_action = Some(default);
             report.writes += 1;
         }
-        debug_assert!(compiled.pools.len() <= MAX_POOLS as usize);
-        let pools = self.pools_with_slots(set, &compiled.pools)?;
-        let shadow = &mut self.shadow[generation as usize];
         report.writes += sync_array(
             &mut self.pools,
             maps::POOLS,
@@ -544,10 +551,11 @@ impl Tables {
         if let Some(&slot) = self.addr_slots.get(&label) {
             return Ok(slot);
         }
-        let used: HashSet<u16> = self.addr_slots.values().copied().collect();
-        // Slots are never reused: a long-gone address keeps its counters.
-        let slot = (1..ADDR_STAT_SLOTS as u16)
-            .find(|s| !used.contains(s))
+        // Slots are never reused (a long-gone address keeps its counters),
+        // so they are handed out in order after slot 0.
+        let slot = u16::try_from(self.addr_slots.len() + 1)
+            .ok()
+            .filter(|&s| u32::from(s) < ADDR_STAT_SLOTS)
             .ok_or(TablesError::TooManyAddresses {
                 capacity: ADDR_STAT_SLOTS - 1,
             })?;
@@ -715,17 +723,18 @@ pub fn addr6_words(addr: &std::net::Ipv6Addr) -> [u32; 4] {
 }
 
 /// Replace the contents of a policy-independent trie pair (identities by
-/// source, countries by destination). New entries first, then stale ones
-/// removed, so no covered address is ever briefly unknown.
+/// source, countries by destination). New entries go in before stale ones
+/// are removed, so no covered address is ever briefly unknown, unless the
+/// trie could not hold both at once.
 fn replace_prefixes<V: Pod + PartialEq>(
     ebpf: &mut Ebpf,
     names: (&'static str, &'static str),
     entries: &[(IpNet, V)],
 ) -> Result<(), TablesError> {
-    fn sync<K: Pod + Eq + Hash, V: Pod>(
+    fn sync<K: Pod + Eq + Hash, V: Pod + PartialEq>(
         ebpf: &mut Ebpf,
         name: &'static str,
-        wanted: HashMap<K, (u32, V)>,
+        wanted: HashMap<(K, u32), V>,
     ) -> Result<(), TablesError> {
         let map = ebpf.map_mut(name).ok_or(TablesError::MissingMap { name })?;
         let mut trie: LpmTrie<&mut MapData, K, V> =
@@ -738,21 +747,32 @@ fn replace_prefixes<V: Pod + PartialEq>(
                 capacity: cap,
             });
         }
-        for (data, (len, value)) in &wanted {
+        let held: HashSet<(K, u32)> = trie
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| (k.data(), k.prefix_len()))
+            .collect();
+        let stale: Vec<Key<K>> = held
+            .iter()
+            .filter(|k| !wanted.contains_key(k))
+            .map(|(data, len)| Key::new(*len, *data))
+            .collect();
+        let added = wanted.keys().filter(|k| !held.contains(k)).count();
+        let remove_first = held.len() + added > cap as usize;
+        let remove_stale = |trie: &mut LpmTrie<&mut MapData, K, V>| {
+            stale
+                .iter()
+                .try_for_each(|key| trie.remove(key).map_err(write_err(name)))
+        };
+        if remove_first {
+            remove_stale(&mut trie)?;
+        }
+        for ((data, len), value) in &wanted {
             trie.insert(&Key::new(*len, *data), value, 0)
                 .map_err(write_err(name))?;
         }
-        let stale: Vec<Key<K>> = trie
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| {
-                wanted
-                    .get(&k.data())
-                    .is_none_or(|(len, _)| *len != k.prefix_len())
-            })
-            .collect();
-        for key in stale {
-            trie.remove(&key).map_err(write_err(name))?;
+        if !remove_first {
+            remove_stale(&mut trie)?;
         }
         Ok(())
     }
@@ -760,8 +780,8 @@ fn replace_prefixes<V: Pod + PartialEq>(
     let mut v6 = HashMap::new();
     for (net, value) in entries {
         match net.trunc() {
-            IpNet::V4(n) => v4.insert(n.network().octets(), (u32::from(n.prefix_len()), *value)),
-            IpNet::V6(n) => v6.insert(n.network().octets(), (u32::from(n.prefix_len()), *value)),
+            IpNet::V4(n) => v4.insert((n.network().octets(), u32::from(n.prefix_len())), *value),
+            IpNet::V6(n) => v6.insert((n.network().octets(), u32::from(n.prefix_len())), *value),
         };
     }
     sync(ebpf, names.0, v4)?;
@@ -781,12 +801,4 @@ pub fn set_identity_addrs(
 pub fn set_countries(ebpf: &mut Ebpf, entries: &[(IpNet, u16)]) -> Result<(), TablesError> {
     let entries: Vec<(IpNet, u32)> = entries.iter().map(|(n, c)| (*n, u32::from(*c))).collect();
     replace_prefixes(ebpf, (maps::GEO4, maps::GEO6), &entries)
-}
-
-/// The stable per-user key that keeps a user on one IPv6 egress address
-/// (FNV-1a of the lower-cased user name).
-pub fn identity_key(user: &str) -> u32 {
-    user.to_lowercase().bytes().fold(0x811c_9dc5u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    })
 }

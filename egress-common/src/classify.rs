@@ -68,15 +68,6 @@ impl ClassRow {
         self.summary |= 1 << word;
     }
 
-    /// Withdraw policy `index`, keeping the summary exact.
-    pub fn remove(&mut self, index: u32) {
-        let word = (index / 64) as usize;
-        self.words[word] &= !(1 << (index % 64));
-        if self.words[word] == 0 {
-            self.summary &= !(1 << word);
-        }
-    }
-
     pub fn contains(&self, index: u32) -> bool {
         let word = (index / 64) as usize;
         word < BV_WORDS && self.words[word] & (1 << (index % 64)) != 0

@@ -28,7 +28,7 @@ use crate::{
         self, Compiled, PolicySet,
         compile::Lookup,
         eval::Flow as EvalFlow,
-        model::{Egress, Timeouts},
+        model::{Egress, Timeouts, WhenDown},
     },
     tables::{self, Tables},
 };
@@ -36,16 +36,12 @@ use crate::{
 /// How often idle flows are looked for: a quarter of the shortest timeout,
 /// between one and thirty seconds.
 fn sweep_every(t: &Timeouts) -> Duration {
-    let shortest = [
-        t.tcp_established,
-        t.tcp_transitory,
-        t.tcp_closed,
-        t.udp,
-        t.icmp,
-    ]
-    .into_iter()
-    .min()
-    .unwrap_or(Duration::from_secs(10));
+    let shortest = t
+        .tcp_established
+        .min(t.tcp_transitory)
+        .min(t.tcp_closed)
+        .min(t.udp)
+        .min(t.icmp);
     (shortest / 4).clamp(Duration::from_secs(1), Duration::from_secs(30))
 }
 
@@ -59,6 +55,8 @@ struct Agent {
     conntrack: Arc<Mutex<Conntrack>>,
     timeouts: Arc<Mutex<Timeouts>>,
     monitor: Monitor,
+    /// Health changes not yet acted on (the tables write failed).
+    health_changes: Vec<(Ipv4Addr, bool)>,
     local: Vec<IpAddr>,
     reclassify_on_reload: bool,
 }
@@ -136,6 +134,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         conntrack,
         timeouts,
         monitor: Monitor::default(),
+        health_changes: Vec::new(),
         local,
         reclassify_on_reload,
     };
@@ -168,8 +167,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 /// Expire idle flows, forever (a blocking walk of the tables, off the main task).
 async fn sweep_forever(conntrack: Arc<Mutex<Conntrack>>, timeouts: Arc<Mutex<Timeouts>>) {
     loop {
+        let every = sweep_every(&timeouts.lock().expect("timeouts lock"));
+        tokio::time::sleep(every).await;
+        // Read again after the sleep: a reload in between applies at once.
         let t = *timeouts.lock().expect("timeouts lock");
-        tokio::time::sleep(sweep_every(&t)).await;
         let conntrack = Arc::clone(&conntrack);
         let report = tokio::task::spawn_blocking(move || {
             conntrack.lock().expect("conntrack lock").sweep(&t)
@@ -188,20 +189,21 @@ async fn sweep_forever(conntrack: Arc<Mutex<Conntrack>>, timeouts: Arc<Mutex<Tim
     }
 }
 
+/// Whether `addr` is an address of `egress` (or inside its IPv6 range).
+fn egress_has(set: &PolicySet, egress: Egress, addr: IpAddr) -> bool {
+    match (egress, addr) {
+        (Egress::Bypass, _) => false,
+        (Egress::Default, IpAddr::V4(a)) => a == set.default_egress.ipv4,
+        (Egress::Default, IpAddr::V6(a)) => set.default_egress.ipv6 == Some(a),
+        (Egress::Pool(k), IpAddr::V4(a)) => set.pools[k].ipv4.contains(&a),
+        (Egress::Pool(k), IpAddr::V6(a)) => set.pools[k].ipv6.is_some_and(|n| n.contains(&a)),
+    }
+}
+
 /// Whether `addr` is one of the set's egress addresses (or in an IPv6 range).
 fn is_egress(set: &PolicySet, addr: IpAddr) -> bool {
-    match addr {
-        IpAddr::V4(a) => {
-            a == set.default_egress.ipv4 || set.pools.iter().any(|p| p.ipv4.contains(&a))
-        }
-        IpAddr::V6(a) => {
-            set.default_egress.ipv6 == Some(a)
-                || set
-                    .pools
-                    .iter()
-                    .any(|p| p.ipv6.is_some_and(|n| n.contains(&a)))
-        }
-    }
+    egress_has(set, Egress::Default, addr)
+        || (0..set.pools.len()).any(|k| egress_has(set, Egress::Pool(k), addr))
 }
 
 impl Agent {
@@ -295,14 +297,15 @@ impl Agent {
             .monitor
             .round(&self.set.health, &dedicated, &local)
             .await;
-        if changes.is_empty() {
-            return;
-        }
+        self.health_changes.extend(changes);
+        // Every round, not only on a change: the write is skipped where the
+        // tables already agree, and this both retries a failed write and
+        // clears addresses that a reload removed while they were down.
         if let Err(err) = self.tables.set_down(&self.monitor.down()) {
             error!("updating pool health: {err}");
             return;
         }
-        for (addr, up) in changes {
+        for (addr, up) in std::mem::take(&mut self.health_changes) {
             if up {
                 info!("egress address {addr} is up again: its pools use it for new flows");
             } else {
@@ -371,7 +374,8 @@ fn traffic(t: &Traffic) -> String {
 }
 
 /// Whether a flow translated to `nat_addr` (with `flags`) leaves the way
-/// `egress` says.
+/// `egress` says. A pool that falls back to the default egress when all its
+/// addresses are down may also have sent it from there.
 fn leaves_as(set: &PolicySet, egress: Egress, nat_addr: IpAddr, flags: u16) -> bool {
     use egress_common::conntrack::{CT_F_LOCAL, CT_F_PASS};
     if flags & CT_F_LOCAL != 0 {
@@ -380,17 +384,10 @@ fn leaves_as(set: &PolicySet, egress: Egress, nat_addr: IpAddr, flags: u16) -> b
     match egress {
         Egress::Bypass => flags & CT_F_PASS != 0,
         _ if flags & CT_F_PASS != 0 => false,
-        Egress::Default => match nat_addr {
-            IpAddr::V4(a) => a == set.default_egress.ipv4,
-            IpAddr::V6(a) => set.default_egress.ipv6 == Some(a),
-        },
-        Egress::Pool(k) => {
-            let pool = &set.pools[k];
-            match nat_addr {
-                IpAddr::V4(a) => pool.ipv4.contains(&a),
-                IpAddr::V6(a) => pool.ipv6.is_some_and(|n| n.contains(&a)),
-            }
+        Egress::Pool(k) if set.pools[k].when_down == WhenDown::Default => {
+            egress_has(set, egress, nat_addr) || egress_has(set, Egress::Default, nat_addr)
         }
+        _ => egress_has(set, egress, nat_addr),
     }
 }
 
@@ -403,6 +400,94 @@ fn warn_unassigned(set: &PolicySet, local: &[IpAddr]) {
         if !local.contains(&IpAddr::V4(addr)) {
             warn!(
                 "egress address {addr} (pool {pool}) is not assigned to this host: replies reach it only if the upstream routes it here (use \"health\": {{\"check\": \"none\"}} for routed addresses)"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use egress_common::conntrack::{CT_F_LOCAL, CT_F_PASS};
+
+    use super::*;
+
+    fn set(when_down: &str) -> PolicySet {
+        policy::parse::parse(&format!(
+            r#"{{
+                "egress_pools": {{
+                    "p": {{ "ipv4": ["203.0.113.10"], "ipv6": "2001:db8:e0::/64", "when_down": "{when_down}" }}
+                }},
+                "default_egress": {{ "ipv4": "203.0.113.1", "ipv6": "2001:db8:ff::1" }},
+                "policies": [
+                    {{ "name": "to p", "selector": {{ "dst": ["192.0.2.0/24"] }}, "action": {{ "egress": "p" }} }}
+                ]
+            }}"#
+        ))
+        .expect("the test policy parses")
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn reclassify_pool_falling_back_to_default_keeps_flows_on_default_address() {
+        let fallback = set("default");
+        let strict = set("drop");
+        let pool = Egress::Pool(0);
+        assert!(
+            leaves_as(&fallback, pool, ip("203.0.113.1"), 0),
+            "a pool that falls back to the default egress may have sent the flow from it"
+        );
+        assert!(
+            leaves_as(&fallback, pool, ip("2001:db8:ff::1"), 0),
+            "the same for the default IPv6 address"
+        );
+        assert!(
+            !leaves_as(&strict, pool, ip("203.0.113.1"), 0),
+            "a fail-closed pool never uses the default egress: such a flow moved"
+        );
+        assert!(leaves_as(&strict, pool, ip("203.0.113.10"), 0));
+        assert!(leaves_as(&strict, pool, ip("2001:db8:e0::7"), 0));
+        assert!(
+            !leaves_as(&fallback, pool, ip("198.51.100.1"), 0),
+            "an address of neither the pool nor the default egress is elsewhere"
+        );
+    }
+
+    #[test]
+    fn reclassify_bypass_and_local_flows_judged_by_flags() {
+        let set = set("drop");
+        assert!(leaves_as(&set, Egress::Bypass, ip("10.0.0.2"), CT_F_PASS));
+        assert!(
+            !leaves_as(&set, Egress::Bypass, ip("203.0.113.1"), 0),
+            "a translated flow does not leave the way a bypass policy says"
+        );
+        assert!(
+            !leaves_as(&set, Egress::Default, ip("10.0.0.2"), CT_F_PASS),
+            "a bypassed flow does not leave from the default egress"
+        );
+        assert!(
+            leaves_as(&set, Egress::Pool(0), ip("203.0.113.1"), CT_F_LOCAL),
+            "the gateway's own flows are never moved"
+        );
+    }
+
+    #[test]
+    fn is_egress_pool_range_and_default_addresses_only() {
+        let set = set("drop");
+        for addr in [
+            "203.0.113.1",
+            "203.0.113.10",
+            "2001:db8:ff::1",
+            "2001:db8:e0::1",
+        ] {
+            assert!(is_egress(&set, ip(addr)), "{addr} is an egress address");
+        }
+        for addr in ["203.0.113.11", "2001:db8:ff::2", "10.0.0.1"] {
+            assert!(
+                !is_egress(&set, ip(addr)),
+                "{addr} is not an egress address"
             );
         }
     }
