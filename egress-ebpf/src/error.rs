@@ -17,7 +17,7 @@ use crate::stats::count;
 pub enum Error {
     /// Truncated or inconsistent IP/L4 header.
     Malformed,
-    /// An IPv4 fragment.
+    /// A later fragment whose first fragment was not seen.
     Fragment,
     /// The protocol cannot be translated, and the policy requires it.
     Unsupported,

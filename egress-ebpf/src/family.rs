@@ -260,13 +260,11 @@ impl Family for Ipv6 {
     #[inline(always)]
     fn prefix_classes(generation: u8, tuple: &Tuple<Addr6>) -> Option<(u32, u32)> {
         let key = |addr: Addr6| {
-            // SAFETY: [u32; 4] and [u8; 16] have the same size; any bytes are valid.
-            let bytes: [u8; 16] = unsafe { core::mem::transmute(addr) };
             Key::new(
                 GEN_PREFIX_BITS + 128,
                 GenPrefix6 {
                     generation,
-                    addr: bytes,
+                    addr: bytes6(addr),
                 },
             )
         };
@@ -277,18 +275,17 @@ impl Family for Ipv6 {
     }
     #[inline(always)]
     fn identity(src: &Addr6) -> IdentityRef {
-        // SAFETY: as in prefix_classes.
-        let bytes: [u8; 16] = unsafe { core::mem::transmute(*src) };
         EG_ID6
-            .get(&Key::new(128, bytes))
+            .get(&Key::new(128, bytes6(*src)))
             .copied()
             .unwrap_or_default()
     }
     #[inline(always)]
     fn country(dst: &Addr6) -> u32 {
-        // SAFETY: as in prefix_classes.
-        let bytes: [u8; 16] = unsafe { core::mem::transmute(*dst) };
-        EG_GEO6.get(&Key::new(128, bytes)).copied().unwrap_or(0)
+        EG_GEO6
+            .get(&Key::new(128, bytes6(*dst)))
+            .copied()
+            .unwrap_or(0)
     }
     #[inline(always)]
     fn pick(pool: &Pool, _hash: u64, key: u64, out: &mut Addr6) -> Option<u16> {
@@ -334,6 +331,14 @@ impl Family for Ipv6 {
         }
         Ok(())
     }
+}
+
+/// An IPv6 address (four words in network order) as the 16 bytes of an LPM
+/// trie key.
+#[inline(always)]
+fn bytes6(addr: Addr6) -> [u8; 16] {
+    // SAFETY: [u32; 4] and [u8; 16] have the same size; any bytes are valid.
+    unsafe { core::mem::transmute(addr) }
 }
 
 /// The absolute offset of a field of the packet's own IP header.

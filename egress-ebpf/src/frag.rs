@@ -16,7 +16,7 @@ use egress_common::{
 use crate::{
     error::Error,
     family::{Csums, Family, outer},
-    nat::{PASS, failed, ip_csum},
+    nat::{PASS, failed, ip_csum, not_ours},
     parse::{L3_OFF, Packet},
     stats::count,
 };
@@ -86,8 +86,7 @@ pub fn ingress_later<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> i32 {
 #[inline(always)]
 fn ingress<F: Family>(ctx: &TcContext, pkt: &Packet<F>, id: u32) -> Result<i32, Error> {
     let Some(entry) = F::frags().get_ptr(&key::<F>(FRAG_INGRESS, &pkt.tuple, id)) else {
-        count(Counter::IngressNotOurs);
-        return Ok(PASS);
+        return not_ours();
     };
     // SAFETY: a map value valid for this run; only read.
     let addr = unsafe { (*entry).addr };

@@ -19,7 +19,7 @@ use egress_common::{conntrack::CT_F_PASS, flow::proto, stats::Counter};
 use crate::{
     error::Error,
     family::{Csums, Family, outer},
-    nat::{PASS, failed, ip_csum},
+    nat::{PASS, failed, ip_csum, not_ours},
     parse::{self, Direction, L3_OFF, Packet, l4_csum_at},
     stats::count,
 };
@@ -49,8 +49,8 @@ fn quoted_csum<F: Family>(ctx: &TcContext, inner: &Packet<F>) -> usize {
 }
 
 /// Apply `old -> new` (2 or 4 bytes, or a difference when `size` is 0) to
-/// the quoted checksum at `field`, and carry both that change and the
-/// field's own change into the ICMP checksum at `icmp_csum`.
+/// the quoted checksum at `field`, and carry that change into the ICMP
+/// checksum at `icmp_csum` (the caller carries the changed field itself).
 #[inline(always)]
 fn quoted_update(
     ctx: &TcContext,
@@ -62,6 +62,13 @@ fn quoted_update(
 ) -> Result<(), Error> {
     let before: u16 = parse::load(ctx, field)?;
     helper(ctx, ctx.l3_csum_replace(field, old, new, size))?;
+    carry(ctx, field, icmp_csum, before)
+}
+
+/// The quoted checksum at `field` changed from `before`: it is ICMP payload
+/// too, so carry its own change into the ICMP checksum at `icmp_csum`.
+#[inline(always)]
+fn carry(ctx: &TcContext, field: usize, icmp_csum: usize, before: u16) -> Result<(), Error> {
     let after: u16 = parse::load(ctx, field)?;
     helper(
         ctx,
@@ -97,13 +104,8 @@ fn quoted_addr<F: Family>(
         ..Csums::default()
     };
     F::rewrite_addr(ctx, inner_l3 + field, old, new, csums)?;
-    // ...and the quoted checksum's own change is ICMP payload too.
     if quoted_l4 != 0 {
-        let after: u16 = parse::load(ctx, quoted_l4)?;
-        helper(
-            ctx,
-            ctx.l3_csum_replace(icmp_csum, u64::from(before), u64::from(after), 2),
-        )?;
+        carry(ctx, quoted_l4, icmp_csum, before)?;
     }
     // The quoted IPv4 header checksum covers the address too.
     if F::IP_CSUM != 0 {
@@ -179,17 +181,12 @@ pub fn ingress_error<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> i32 {
 fn ingress<F: Family>(ctx: &TcContext, pkt: &Packet<F>, inner_l3: usize) -> Result<i32, Error> {
     // The quoted packet left through us, so it parses as egress traffic.
     let mut inner = Packet::<F>::default();
-    if parse::packet(ctx, inner_l3, Direction::Egress, &mut inner).is_err() {
-        count(Counter::IngressNotOurs);
-        return Ok(PASS);
-    }
-    if !inner.translatable() {
-        count(Counter::IngressNotOurs);
-        return Ok(PASS);
+    if parse::packet(ctx, inner_l3, Direction::Egress, &mut inner).is_err() || !inner.translatable()
+    {
+        return not_ours();
     }
     let Some(rev) = F::rev().get_ptr(&inner.tuple) else {
-        count(Counter::IngressNotOurs);
-        return Ok(PASS);
+        return not_ours();
     };
     // SAFETY: a map value valid for this run; only read.
     let (client, client_port) = unsafe { ((*rev).orig_addr, (*rev).orig_port_be) };

@@ -127,18 +127,19 @@ fn egress_flow<F: Family>(ctx: &TcContext) -> Result<i32, Error> {
             // SAFETY: a hash map value stays valid for the program's run
             // (RCU); concurrent writers only bump counters and timestamps.
             let left_as = established(ctx, pkt, unsafe { &mut *entry }, now)?;
-            record_first_fragment(pkt, left_as);
+            record_first_fragment(FRAG_EGRESS, pkt, left_as);
             Ok(PASS)
         }
         None => Ok(new_flow(ctx, pkt, now)),
     }
 }
 
-/// A first fragment's outcome, for the datagram's later fragments.
+/// A first fragment's outcome (the address that replaced its source on
+/// egress, or its destination on ingress), for the datagram's later ones.
 #[inline(always)]
-fn record_first_fragment<F: Family>(pkt: &Packet<F>, left_as: F::Addr) {
+fn record_first_fragment<F: Family>(direction: u8, pkt: &Packet<F>, addr: F::Addr) {
     if pkt.frag == Frag::First {
-        frag::record::<F>(FRAG_EGRESS, &pkt.tuple, pkt.frag_id, &left_as);
+        frag::record::<F>(direction, &pkt.tuple, pkt.frag_id, &addr);
     }
 }
 
@@ -224,7 +225,7 @@ fn first_packet<F: Family>(ctx: &TcContext, pkt: &Packet<F>, now: u64) -> Result
             let settings = Generation::active()?.settings()?;
             translate(ctx, pkt, scratch, settings, now)?;
         }
-        record_first_fragment(pkt, scratch.ct.nat_addr);
+        record_first_fragment(FRAG_EGRESS, pkt, scratch.ct.nat_addr);
         return Ok(PASS);
     }
 
@@ -282,7 +283,7 @@ fn first_packet<F: Family>(ctx: &TcContext, pkt: &Packet<F>, now: u64) -> Result
         }
         _ => return Err(Error::NoTables),
     }
-    record_first_fragment(pkt, scratch.ct.nat_addr);
+    record_first_fragment(FRAG_EGRESS, pkt, scratch.ct.nat_addr);
     Ok(PASS)
 }
 
@@ -403,8 +404,9 @@ pub fn ingress(ctx: &TcContext) -> Result<i32, Error> {
     }
 }
 
+/// An ingress packet that belongs to no translated flow: passed to the stack.
 #[inline(always)]
-fn not_ours() -> Result<i32, Error> {
+pub fn not_ours() -> Result<i32, Error> {
     count(Counter::IngressNotOurs);
     Ok(PASS)
 }
@@ -445,9 +447,7 @@ fn ingress_flow<F: Family>(ctx: &TcContext) -> Result<i32, Error> {
     let (orig_addr, orig_port) = (rev.orig_addr, rev.orig_port_be);
     count_flow_packet(rev.stats_slot, rev.addr_slot, Side::In, pkt.len, false);
     rewrite(ctx, pkt, Direction::Ingress, &orig_addr, orig_port)?;
-    if pkt.frag == Frag::First {
-        frag::record::<F>(FRAG_INGRESS, &pkt.tuple, pkt.frag_id, &orig_addr);
-    }
+    record_first_fragment(FRAG_INGRESS, pkt, orig_addr);
     count(Counter::IngressTranslated);
     Ok(PASS)
 }
