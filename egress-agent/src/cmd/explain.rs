@@ -23,10 +23,7 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
 }
 
 fn protocol_number(text: &str) -> anyhow::Result<u8> {
-    if let Some(p) = Protocol::ALL
-        .into_iter()
-        .find(|p| p.name().eq_ignore_ascii_case(text))
-    {
+    if let Some(p) = Protocol::from_name(text) {
         return Ok(p.number());
     }
     text.parse::<u8>().with_context(|| {
@@ -48,8 +45,7 @@ fn describe(dimension: Dimension, pred: &Expr, ctx: &Context<'_>) -> String {
             None => "no identity".to_owned(),
             Some(id) => {
                 // Show the facets the failing condition is about.
-                let mut atoms = Vec::new();
-                collect_atoms(pred, &mut atoms);
+                let atoms = pred.atoms();
                 let mut parts = Vec::new();
                 if atoms.iter().any(|a| matches!(a, Atom::User(_))) {
                     parts.push(format!("user {:?}", id.user));
@@ -67,15 +63,6 @@ fn describe(dimension: Dimension, pred: &Expr, ctx: &Context<'_>) -> String {
             Some(c) => format!("country {c}"),
             None => "country unknown".to_owned(),
         },
-    }
-}
-
-fn collect_atoms<'e>(expr: &'e Expr, out: &mut Vec<&'e Atom>) {
-    match expr {
-        Expr::True => {}
-        Expr::Atom(a) => out.push(a),
-        Expr::Not(e) => collect_atoms(e, out),
-        Expr::And(es) | Expr::Or(es) => es.iter().for_each(|e| collect_atoms(e, out)),
     }
 }
 

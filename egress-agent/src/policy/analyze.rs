@@ -15,7 +15,7 @@ use super::{
     compile::{
         Accepts, Rule, country_accepts, identity_accepts, l4_accepts, prefix_accepts, rules,
     },
-    model::{Atom, Dimension, Expr, Identity, PolicySet},
+    model::{Atom, Dimension, Identity, PolicySet},
 };
 
 /// Most synthetic identities to enumerate for the analysis.
@@ -44,32 +44,27 @@ struct Universe {
 }
 
 fn nonempty(accept: &Option<FixedBitSet>) -> bool {
-    accept.as_ref().is_none_or(|s| s.count_ones(..) > 0)
+    accept.as_ref().is_none_or(|s| !s.is_clear())
 }
 
 /// `a ⊆ b`, where `None` is the whole universe.
 fn subset(a: &Option<FixedBitSet>, b: &Option<FixedBitSet>) -> bool {
     match (a, b) {
         (_, None) => true,
-        (None, Some(b)) => b.count_ones(..) == b.len(),
+        (None, Some(b)) => b.is_full(),
         (Some(a), Some(b)) => a.is_subset(b),
     }
 }
 
 fn names(set: &PolicySet) -> (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>) {
-    fn walk(e: &Expr, out: &mut (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>)) {
-        match e {
-            Expr::Atom(Atom::User(v)) => out.0.extend(v.iter().cloned()),
-            Expr::Atom(Atom::Group(v)) => out.1.extend(v.iter().cloned()),
-            Expr::Atom(Atom::Posture(v)) => out.2.extend(v.iter().cloned()),
-            Expr::Not(e) => walk(e, out),
-            Expr::And(es) | Expr::Or(es) => es.iter().for_each(|e| walk(e, out)),
+    let mut out: (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>) = Default::default();
+    for atom in set.policies.iter().flat_map(|p| p.matcher.atoms()) {
+        match atom {
+            Atom::User(v) => out.0.extend(v.iter().cloned()),
+            Atom::Group(v) => out.1.extend(v.iter().cloned()),
+            Atom::Posture(v) => out.2.extend(v.iter().cloned()),
             _ => {}
         }
-    }
-    let mut out = Default::default();
-    for p in &set.policies {
-        walk(&p.matcher, &mut out);
     }
     out
 }
@@ -170,32 +165,39 @@ impl Universe {
 pub fn analyze(set: &PolicySet) -> Vec<Finding> {
     let rules = rules(set);
     let universe = Universe::build(set, &rules);
+    let empty: Vec<Option<&'static str>> = (0..rules.len()).map(|r| universe.empty(r)).collect();
     let mut findings = Vec::new();
+    // Rules come in policy order: a policy's rules are the run after the
+    // previous enabled policy's, and `earlier` holds the live rules of the
+    // policies before it, in order.
+    let mut start = 0;
+    let mut earlier: Vec<usize> = Vec::new();
     for (index, _) in set.policies.iter().enumerate().filter(|(_, p)| p.enabled) {
-        let mine: Vec<usize> = (0..rules.len())
-            .filter(|&r| rules[r].policy == index)
-            .collect();
-        let live: Vec<usize> = mine
-            .iter()
-            .copied()
-            .filter(|&r| universe.empty(r).is_none())
-            .collect();
+        let end = start
+            + rules[start..]
+                .iter()
+                .take_while(|r| r.policy == index)
+                .count();
+        let mine = start..end;
+        start = end;
+        let live: Vec<usize> = mine.clone().filter(|&r| empty[r].is_none()).collect();
         if live.is_empty() {
             findings.push(Finding::Unreachable {
                 policy: index,
-                reason: mine
+                reason: empty[mine]
                     .first()
-                    .and_then(|&r| universe.empty(r))
+                    .copied()
+                    .flatten()
                     .unwrap_or("its condition is never true"),
             });
             continue;
         }
         let mut by = BTreeSet::new();
         let all_covered = live.iter().all(|&r| {
-            (0..rules.len())
-                .filter(|&e| rules[e].policy < index && universe.empty(e).is_none())
-                .find(|&e| universe.covered(r, e))
-                .map(|e| by.insert(rules[e].policy))
+            earlier
+                .iter()
+                .find(|&&e| universe.covered(r, e))
+                .map(|&e| by.insert(rules[e].policy))
                 .is_some()
         });
         if all_covered {
@@ -204,6 +206,7 @@ pub fn analyze(set: &PolicySet) -> Vec<Finding> {
                 by: by.into_iter().collect(),
             });
         }
+        earlier.extend(live);
     }
     findings
 }

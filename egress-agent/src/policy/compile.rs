@@ -201,11 +201,8 @@ fn pool(ipv4: &[Ipv4Addr], ipv6: Option<Ipv6Net>, mode: PoolMode, when_down: Whe
                 (a as u32).to_be(),
             ]
         };
-        let host = u128::MAX
-            .checked_shr(u32::from(net.prefix_len()))
-            .unwrap_or(0);
         pool.v6_net = words(u128::from(net.network()));
-        pool.v6_host_mask = words(host);
+        pool.v6_host_mask = words(u128::from(net.hostmask()));
         pool.has_v6 = 1;
     }
     pool.mode = match mode {
@@ -219,14 +216,17 @@ fn pool(ipv4: &[Ipv4Addr], ipv6: Option<Ipv6Net>, mode: PoolMode, when_down: Whe
     pool
 }
 
+/// Every element of a universe of `n`.
+fn full(n: usize) -> FixedBitSet {
+    let mut all = FixedBitSet::with_capacity(n);
+    all.insert_range(..);
+    all
+}
+
 /// Evaluate a single-dimension predicate over a universe of `n` elements.
 fn eval(pred: &Expr, n: usize, atom: &dyn Fn(&Atom) -> FixedBitSet) -> FixedBitSet {
     match pred {
-        Expr::True => {
-            let mut all = FixedBitSet::with_capacity(n);
-            all.insert_range(..);
-            all
-        }
+        Expr::True => full(n),
         Expr::Atom(a) => atom(a),
         Expr::Not(e) => {
             let mut set = eval(e, n, atom);
@@ -234,7 +234,7 @@ fn eval(pred: &Expr, n: usize, atom: &dyn Fn(&Atom) -> FixedBitSet) -> FixedBitS
             set
         }
         Expr::And(es) => {
-            let mut acc = eval(&Expr::True, n, atom);
+            let mut acc = full(n);
             for e in es {
                 acc.intersect_with(&eval(e, n, atom));
             }
@@ -289,23 +289,20 @@ fn rows(accepts: &Accepts, n: usize) -> Vec<ClassRow> {
     rows
 }
 
-fn atoms<'a>(expr: &'a Expr, out: &mut Vec<&'a Atom>) {
-    match expr {
-        Expr::True => {}
-        Expr::Atom(a) => out.push(a),
-        Expr::Not(e) => atoms(e, out),
-        Expr::And(es) | Expr::Or(es) => es.iter().for_each(|e| atoms(e, out)),
-    }
+/// The class of each element: its row, interned.
+fn classes(accepts: &Accepts, n: usize, interner: &mut Interner) -> Vec<u32> {
+    rows(accepts, n)
+        .into_iter()
+        .map(|r| interner.intern(r))
+        .collect()
 }
 
 fn dimension_atoms<'a>(rules: &[Rule<'a>], dim: Dimension) -> Vec<&'a Atom> {
-    let mut out = Vec::new();
-    for rule in rules {
-        if let Some(pred) = rule.conj.pred(dim) {
-            atoms(pred, &mut out);
-        }
-    }
-    out
+    rules
+        .iter()
+        .filter_map(|rule| rule.conj.pred(dim))
+        .flat_map(Expr::atoms)
+        .collect()
 }
 
 /// An address family's prefixes, for the generic prefix dimension.
@@ -388,12 +385,33 @@ fn prefixes<P: Prefix>(
     interner: &mut Interner,
 ) -> Vec<(P, u32)> {
     let (universe, accepts) = prefix_accepts::<P>(rules, dim);
-    let rows = rows(&accepts, universe.len());
-    universe
-        .into_iter()
-        .zip(rows)
-        .map(|(p, row)| (p, interner.intern(row)))
-        .collect()
+    let classes = classes(&accepts, universe.len(), interner);
+    universe.into_iter().zip(classes).collect()
+}
+
+/// Where each part of the L4 universe starts, for `k` port intervals: the
+/// TCP intervals, the UDP intervals, ICMP, ICMPv6, every other protocol;
+/// `n` elements in all.
+struct L4Layout {
+    tcp: usize,
+    udp: usize,
+    icmp: usize,
+    icmpv6: usize,
+    other: usize,
+    n: usize,
+}
+
+impl L4Layout {
+    fn new(k: usize) -> Self {
+        Self {
+            tcp: 0,
+            udp: k,
+            icmp: 2 * k,
+            icmpv6: 2 * k + 1,
+            other: 2 * k + 2,
+            n: 2 * k + 3,
+        }
+    }
 }
 
 /// The protocol + destination port dimension. Elements: the elementary port
@@ -413,8 +431,14 @@ pub(super) fn l4_accepts(rules: &[Rule<'_>]) -> (Vec<u32>, Accepts) {
     starts.sort_unstable();
     starts.dedup();
     let k = starts.len();
-    let (tcp, udp, icmp, icmpv6) = (0, k, 2 * k, 2 * k + 1);
-    let n = 2 * k + 3;
+    let L4Layout {
+        tcp,
+        udp,
+        icmp,
+        icmpv6,
+        n,
+        ..
+    } = L4Layout::new(k);
     let interval = |port: u32| starts.partition_point(|&s| s <= port) - 1;
     let atom = |a: &Atom| {
         let mut set = FixedBitSet::with_capacity(n);
@@ -446,12 +470,15 @@ pub(super) fn l4_accepts(rules: &[Rule<'_>]) -> (Vec<u32>, Accepts) {
 
 fn l4(rules: &[Rule<'_>], interner: &mut Interner) -> Vec<u32> {
     let (starts, accepts) = l4_accepts(rules);
-    let k = starts.len();
-    let (tcp, udp, icmp, icmpv6, other) = (0, k, 2 * k, 2 * k + 1, 2 * k + 2);
-    let classes: Vec<u32> = rows(&accepts, 2 * k + 3)
-        .into_iter()
-        .map(|r| interner.intern(r))
-        .collect();
+    let L4Layout {
+        tcp,
+        udp,
+        icmp,
+        icmpv6,
+        other,
+        n,
+    } = L4Layout::new(starts.len());
+    let classes = classes(&accepts, n, interner);
     let mut slots = vec![0u32; PORT_SLOTS_PER_GEN as usize];
     for (i, &start) in starts.iter().enumerate() {
         let end = starts.get(i + 1).copied().unwrap_or(65536);
@@ -487,12 +514,7 @@ pub(super) fn identity_accepts(rules: &[Rule<'_>], identities: &[Identity]) -> A
     let mut accepts = accepts(rules, Dimension::Identity, n, &atom);
     for (accept, rule) in accepts.iter_mut().zip(rules) {
         if rule.requires_identity {
-            let set = accept.get_or_insert_with(|| {
-                let mut all = FixedBitSet::with_capacity(n);
-                all.insert_range(..);
-                all
-            });
-            set.set(0, false);
+            accept.get_or_insert_with(|| full(n)).set(0, false);
         }
     }
     accepts
@@ -503,10 +525,11 @@ fn identity_classes(
     identities: &[Identity],
     interner: &mut Interner,
 ) -> Vec<u32> {
-    rows(&identity_accepts(rules, identities), identities.len() + 1)
-        .into_iter()
-        .map(|r| interner.intern(r))
-        .collect()
+    classes(
+        &identity_accepts(rules, identities),
+        identities.len() + 1,
+        interner,
+    )
 }
 
 /// The country dimension: element = country id, 0 (unknown) matches no
@@ -530,10 +553,7 @@ pub(super) fn country_accepts(rules: &[Rule<'_>]) -> Accepts {
 }
 
 fn country_classes(rules: &[Rule<'_>], interner: &mut Interner) -> Vec<u32> {
-    rows(&country_accepts(rules), COUNTRY_SLOTS as usize)
-        .into_iter()
-        .map(|r| interner.intern(r))
-        .collect()
+    classes(&country_accepts(rules), COUNTRY_SLOTS as usize, interner)
 }
 
 fn lpm<P: Prefix>(table: &[(P, u32)], addr: u128) -> u32 {

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::model::{Dimension, Expr};
+use super::model::{Atom, Dimension, Expr};
 
 /// Most alternatives one policy may expand to.
 pub const MAX_ALTERNATIVES: usize = 64;
@@ -32,15 +32,8 @@ impl Conjunction {
 )]
 pub struct TooManyAlternatives;
 
-fn dimensions(expr: &Expr, out: &mut BTreeSet<Dimension>) {
-    match expr {
-        Expr::True => {}
-        Expr::Atom(atom) => {
-            out.insert(atom.dimension());
-        }
-        Expr::Not(e) => dimensions(e, out),
-        Expr::And(es) | Expr::Or(es) => es.iter().for_each(|e| dimensions(e, out)),
-    }
+fn dimensions(expr: &Expr) -> BTreeSet<Dimension> {
+    expr.atoms().into_iter().map(Atom::dimension).collect()
 }
 
 /// The value of an expression made only of `true`.
@@ -82,8 +75,7 @@ fn concat(mut a: Vec<Leaves>, b: Vec<Leaves>) -> Result<Vec<Leaves>, TooManyAlte
 /// DNF of `expr` (negated when `negated`), as a list of leaf conjunctions.
 /// An empty list never matches; a list holding an empty conjunction always does.
 fn dnf(expr: &Expr, negated: bool) -> Result<Vec<Leaves>, TooManyAlternatives> {
-    let mut dims = BTreeSet::new();
-    dimensions(expr, &mut dims);
+    let dims = dimensions(expr);
     if dims.is_empty() {
         // Only constants: `true`, `not true` and combinations of them.
         return Ok(if constant(expr) != negated {
@@ -127,23 +119,14 @@ pub fn normalize(expr: &Expr) -> Result<Vec<Conjunction>, TooManyAlternatives> {
     for leaves in dnf(expr, false)? {
         let mut grouped: BTreeMap<Dimension, Vec<Expr>> = BTreeMap::new();
         for leaf in leaves {
-            let mut dims = BTreeSet::new();
-            dimensions(&leaf, &mut dims);
-            if let Some(dim) = dims.into_iter().next() {
+            if let Some(dim) = dimensions(&leaf).into_iter().next() {
                 grouped.entry(dim).or_default().push(leaf);
             }
         }
         let conj = Conjunction {
             preds: grouped
                 .into_iter()
-                .map(|(dim, mut leaves)| {
-                    let pred = if leaves.len() == 1 {
-                        leaves.pop().expect("one leaf")
-                    } else {
-                        Expr::And(leaves)
-                    };
-                    (dim, pred)
-                })
+                .map(|(dim, leaves)| (dim, Expr::all(leaves)))
                 .collect(),
         };
         if !out.contains(&conj) {
@@ -158,7 +141,7 @@ mod tests {
     use ipnet::IpNet;
 
     use super::*;
-    use crate::policy::model::{Atom, Protocol};
+    use crate::policy::model::Protocol;
 
     fn dst(net: &str) -> Expr {
         Expr::Atom(Atom::DstIp(vec![net.parse::<IpNet>().unwrap()]))

@@ -600,7 +600,11 @@ impl<'a> Parser<'a> {
             self.advance();
             items.push(self.and()?);
         }
-        Ok(chain(items, Expr::Or))
+        Ok(if items.len() == 1 {
+            items.swap_remove(0)
+        } else {
+            Expr::Or(items)
+        })
     }
 
     fn and(&mut self) -> Result<Expr, ExprError> {
@@ -609,7 +613,8 @@ impl<'a> Parser<'a> {
             self.advance();
             items.push(self.unary()?);
         }
-        Ok(chain(items, Expr::And))
+        // Never empty: at least the first operand.
+        Ok(Expr::all(items))
     }
 
     fn unary(&mut self) -> Result<Expr, ExprError> {
@@ -921,15 +926,6 @@ impl<'a> Parser<'a> {
     }
 }
 
-/// `items` joined by `make` (`Expr::And` or `Expr::Or`), or the item itself when alone.
-fn chain(mut items: Vec<Expr>, make: fn(Vec<Expr>) -> Expr) -> Expr {
-    if items.len() == 1 {
-        items.swap_remove(0)
-    } else {
-        make(items)
-    }
-}
-
 /// The "expected ..., found ..." error at `token`.
 fn unexpected(token: &Token<'_>, expected: &str) -> ExprError {
     let message = match &token.tok {
@@ -981,15 +977,12 @@ fn port_range(text: &str) -> Result<PortRange, String> {
 }
 
 fn protocol(name: &str) -> Result<Protocol, String> {
-    Protocol::ALL
-        .into_iter()
-        .find(|p| p.name().eq_ignore_ascii_case(name))
-        .ok_or_else(|| {
-            format!(
-                "unknown protocol {}: expected \"tcp\", \"udp\", \"icmp\" or \"icmpv6\"",
-                quoted(name)
-            )
-        })
+    Protocol::from_name(name).ok_or_else(|| {
+        format!(
+            "unknown protocol {}: expected \"tcp\", \"udp\", \"icmp\" or \"icmpv6\"",
+            quoted(name)
+        )
+    })
 }
 
 fn country(code: &str) -> Result<CountryCode, String> {

@@ -41,6 +41,13 @@ impl Protocol {
         Self::ALL.into_iter().find(|p| p.number() == number)
     }
 
+    /// The protocol named `name` (`tcp`, `udp`, ...), in any case.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(name))
+    }
+
     /// Whether flows of this protocol have ports a `dst_ports` selector can match.
     pub fn has_ports(self) -> bool {
         matches!(self, Self::Tcp | Self::Udp)
@@ -211,14 +218,35 @@ pub enum Expr {
 }
 
 impl Expr {
+    /// `items` ANDed: `True` when there are none, the item itself when alone.
+    pub fn all(mut items: Vec<Expr>) -> Expr {
+        match items.len() {
+            0 => Self::True,
+            1 => items.pop().expect("one item"),
+            _ => Self::And(items),
+        }
+    }
+
+    /// Every atom of the expression, left to right.
+    pub fn atoms(&self) -> Vec<&Atom> {
+        fn walk<'a>(expr: &'a Expr, out: &mut Vec<&'a Atom>) {
+            match expr {
+                Expr::True => {}
+                Expr::Atom(a) => out.push(a),
+                Expr::Not(e) => walk(e, out),
+                Expr::And(es) | Expr::Or(es) => es.iter().for_each(|e| walk(e, out)),
+            }
+        }
+        let mut out = Vec::new();
+        walk(self, &mut out);
+        out
+    }
+
     /// Whether any condition in the expression is about the identity.
     pub fn mentions_identity(&self) -> bool {
-        match self {
-            Self::True => false,
-            Self::Atom(a) => a.dimension() == Dimension::Identity,
-            Self::Not(e) => e.mentions_identity(),
-            Self::And(es) | Self::Or(es) => es.iter().any(Self::mentions_identity),
-        }
+        self.atoms()
+            .iter()
+            .any(|a| a.dimension() == Dimension::Identity)
     }
 }
 

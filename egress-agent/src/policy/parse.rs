@@ -328,11 +328,7 @@ impl SelectorJson {
             Atom::Continent(self.dst_continents.iter().map(|c| c.0).collect()),
             false,
         );
-        match atoms.len() {
-            0 => Expr::True,
-            1 => atoms.pop().expect("one atom"),
-            _ => Expr::And(atoms),
-        }
+        Expr::all(atoms)
     }
 }
 
@@ -501,14 +497,11 @@ impl<'de> Deserialize<'de> for PortRange {
 impl<'de> Deserialize<'de> for Protocol {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        Protocol::ALL
-            .into_iter()
-            .find(|p| p.name().eq_ignore_ascii_case(&s))
-            .ok_or_else(|| {
-                de::Error::custom(format!(
-                    "unknown protocol {s:?}: expected tcp, udp, icmp or icmpv6"
-                ))
-            })
+        Protocol::from_name(&s).ok_or_else(|| {
+            de::Error::custom(format!(
+                "unknown protocol {s:?}: expected tcp, udp, icmp or icmpv6"
+            ))
+        })
     }
 }
 
@@ -683,11 +676,7 @@ impl PolicyJson {
             }
         }
         parts.retain(|e| *e != Expr::True);
-        Ok(match parts.len() {
-            0 => Expr::True,
-            1 => parts.pop().expect("one part"),
-            _ => Expr::And(parts),
-        })
+        Ok(Expr::all(parts))
     }
 }
 

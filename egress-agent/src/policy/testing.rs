@@ -225,39 +225,16 @@ pub struct Case {
 
 fn addr_in(net: Option<&IpNet>, seed: u128, v6: bool) -> IpAddr {
     match (net, v6) {
-        (Some(IpNet::V4(n)), false) => {
-            let host = 32 - u32::from(n.prefix_len());
-            let mask = if host == 32 {
-                u32::MAX
-            } else {
-                (1u32 << host) - 1
-            };
-            IpAddr::V4(Ipv4Addr::from(
-                u32::from(n.network()) | (seed as u32 & mask),
-            ))
-        }
-        (Some(IpNet::V6(n)), true) => {
-            let host = 128 - u32::from(n.prefix_len());
-            let mask = if host == 128 {
-                u128::MAX
-            } else {
-                (1u128 << host) - 1
-            };
-            IpAddr::V6(Ipv6Addr::from(u128::from(n.network()) | (seed & mask)))
-        }
+        (Some(IpNet::V4(n)), false) => IpAddr::V4(Ipv4Addr::from(
+            u32::from(n.network()) | (seed as u32 & u32::from(n.hostmask())),
+        )),
+        (Some(IpNet::V6(n)), true) => IpAddr::V6(Ipv6Addr::from(
+            u128::from(n.network()) | (seed & u128::from(n.hostmask())),
+        )),
         (_, false) => IpAddr::V4(Ipv4Addr::from(seed as u32)),
         (_, true) => IpAddr::V6(Ipv6Addr::from(
             0x2001_0db8u128 << 96 | (seed & 0xffff_ffff_ffff),
         )),
-    }
-}
-
-fn collect_nets(expr: &Expr, out: &mut Vec<IpNet>) {
-    match expr {
-        Expr::Atom(Atom::SrcIp(n) | Atom::DstIp(n)) => out.extend(n),
-        Expr::Not(e) => collect_nets(e, out),
-        Expr::And(es) | Expr::Or(es) => es.iter().for_each(|e| collect_nets(e, out)),
-        _ => {}
     }
 }
 
@@ -268,9 +245,11 @@ pub fn probes(
     identities: usize,
     count: usize,
 ) -> impl Strategy<Value = Vec<Probe>> + use<> {
-    let mut nets = Vec::new();
-    for p in &set.policies {
-        collect_nets(&p.matcher, &mut nets);
+    let mut nets: Vec<IpNet> = Vec::new();
+    for atom in set.policies.iter().flat_map(|p| p.matcher.atoms()) {
+        if let Atom::SrcIp(n) | Atom::DstIp(n) = atom {
+            nets.extend(n);
+        }
     }
     let ports: Vec<u16> = [0, 22, 53, 80, 443, 1999, 2000, 3000, 8080, 65535].to_vec();
     let countries: Vec<u16> = COUNTRIES
