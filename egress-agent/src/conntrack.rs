@@ -107,7 +107,6 @@ impl Addr for [u32; 4] {
 struct Tables<A: Addr, PC, PR> {
     ct: HashMap<MapData, Tuple<A>, CtEntry<A, PC>>,
     nat: HashMap<MapData, Tuple<A>, RevEntry<A, PR>>,
-    names: (&'static str, &'static str),
 }
 
 impl<A: Addr, PC, PR> Tables<A, PC, PR>
@@ -126,35 +125,46 @@ where
         )
     }
 
+    /// The outgoing table's keys, taken up front so the walks may remove.
+    fn keys(&self) -> Vec<Tuple<A>> {
+        self.ct.keys().filter_map(Result::ok).collect()
+    }
+
+    /// A flow's outgoing entry, and the flow with its reverse half combined
+    /// in; `None` if it is gone.
+    fn read(&self, key: &Tuple<A>) -> Option<(CtEntry<A, PC>, Flow)> {
+        let ct = self.ct.get(key, 0).ok()?;
+        let rev = (ct.flags & CT_F_PASS == 0)
+            .then(|| self.nat.get(&Self::rev_key(key, &ct), 0).ok())
+            .flatten();
+        let flow = Flow {
+            protocol: key.proto,
+            src: key.src.ip(),
+            sport: u16::from_be(key.sport_be),
+            dst: key.dst.ip(),
+            dport: u16::from_be(key.dport_be),
+            nat_addr: ct.nat_addr.ip(),
+            nat_port: u16::from_be(ct.nat_port_be),
+            flags: ct.flags | rev.map_or(0, |r| r.flags),
+            policy: ct.policy,
+            identity: ct.identity,
+            created_ns: ct.created_ns,
+            last_seen_ns: ct.last_seen_ns.max(rev.map_or(0, |r| r.last_seen_ns)),
+            traffic: Traffic {
+                packets_out: ct.packets,
+                bytes_out: ct.bytes,
+                packets_in: rev.map_or(0, |r| r.packets),
+                bytes_in: rev.map_or(0, |r| r.bytes),
+            },
+        };
+        Some((ct, flow))
+    }
+
     fn flows(&self) -> Vec<Flow> {
-        let keys: Vec<Tuple<A>> = self.ct.keys().filter_map(Result::ok).collect();
-        keys.into_iter()
-            .filter_map(|key| {
-                let ct = self.ct.get(&key, 0).ok()?;
-                let rev = (ct.flags & CT_F_PASS == 0)
-                    .then(|| self.nat.get(&Self::rev_key(&key, &ct), 0).ok())
-                    .flatten();
-                Some(Flow {
-                    protocol: key.proto,
-                    src: key.src.ip(),
-                    sport: u16::from_be(key.sport_be),
-                    dst: key.dst.ip(),
-                    dport: u16::from_be(key.dport_be),
-                    nat_addr: ct.nat_addr.ip(),
-                    nat_port: u16::from_be(ct.nat_port_be),
-                    flags: ct.flags | rev.map_or(0, |r| r.flags),
-                    policy: ct.policy,
-                    identity: ct.identity,
-                    created_ns: ct.created_ns,
-                    last_seen_ns: ct.last_seen_ns.max(rev.map_or(0, |r| r.last_seen_ns)),
-                    traffic: Traffic {
-                        packets_out: ct.packets,
-                        bytes_out: ct.bytes,
-                        packets_in: rev.map_or(0, |r| r.packets),
-                        bytes_in: rev.map_or(0, |r| r.bytes),
-                    },
-                })
-            })
+        self.keys()
+            .iter()
+            .filter_map(|key| self.read(key))
+            .map(|(_, flow)| flow)
             .collect()
     }
 
@@ -167,34 +177,35 @@ where
         existed
     }
 
-    fn sweep(&mut self, timeouts: &Timeouts, now: u64) -> SweepReport {
-        let mut report = SweepReport::default();
-        let keys: Vec<Tuple<A>> = self.ct.keys().filter_map(Result::ok).collect();
-        for key in keys {
-            let Ok(ct) = self.ct.get(&key, 0) else {
-                continue;
-            };
-            let rev = (ct.flags & CT_F_PASS == 0)
-                .then(|| self.nat.get(&Self::rev_key(&key, &ct), 0).ok())
-                .flatten();
-            let last = ct.last_seen_ns.max(rev.map_or(0, |r| r.last_seen_ns));
-            let replied = rev.is_some_and(|r| r.packets > 0);
-            let limit = timeout(
-                timeouts,
-                key.proto,
-                ct.flags | rev.map_or(0, |r| r.flags),
-                replied,
-            );
-            if now.saturating_sub(last) > limit.as_nanos() as u64 {
-                if self.remove(&key, &ct) {
-                    report.expired += 1;
-                }
-            } else {
-                report.active += 1;
+    /// Visit every flow, removing each one `doomed` selects as soon as it
+    /// has been seen; returns how many of those still existed.
+    fn walk(&mut self, mut doomed: impl FnMut(&CtEntry<A, PC>, &Flow) -> bool) -> usize {
+        let mut removed = 0;
+        for key in self.keys() {
+            if let Some((ct, flow)) = self.read(&key)
+                && doomed(&ct, &flow)
+                && self.remove(&key, &ct)
+            {
+                removed += 1;
             }
         }
+        removed
+    }
+
+    fn sweep(&mut self, timeouts: &Timeouts, now: u64) -> SweepReport {
+        let mut active = 0;
+        let expired = self.walk(|_, flow| {
+            let replied = flow.traffic.packets_in > 0;
+            let limit = timeout(timeouts, flow.protocol, flow.flags, replied);
+            let idle = now.saturating_sub(flow.last_seen_ns) > limit.as_nanos() as u64;
+            if !idle {
+                active += 1;
+            }
+            idle
+        });
         // Reverse entries whose outgoing half is gone (a crash between the
         // two removals, a lost race): remove them once they are idle too.
+        let mut orphans = 0;
         let keys: Vec<Tuple<A>> = self.nat.keys().filter_map(Result::ok).collect();
         for key in keys {
             let Ok(rev) = self.nat.get(&key, 0) else {
@@ -214,29 +225,20 @@ where
             if now.saturating_sub(rev.last_seen_ns) > limit.as_nanos() as u64
                 && self.nat.remove(&key).is_ok()
             {
-                report.orphans += 1;
+                orphans += 1;
             }
         }
-        report
+        SweepReport {
+            expired,
+            orphans,
+            active,
+        }
     }
 
     /// Remove every flow translated to an address `doomed` selects.
     fn flush(&mut self, doomed: &dyn Fn(IpAddr) -> bool) -> usize {
-        let keys: Vec<Tuple<A>> = self.ct.keys().filter_map(Result::ok).collect();
-        let mut flushed = 0;
-        for key in keys {
-            let Ok(ct) = self.ct.get(&key, 0) else {
-                continue;
-            };
-            // The gateway's own flows keep their (own) addresses.
-            if ct.flags & (CT_F_PASS | CT_F_LOCAL) == 0
-                && doomed(ct.nat_addr.ip())
-                && self.remove(&key, &ct)
-            {
-                flushed += 1;
-            }
-        }
-        flushed
+        // The gateway's own flows keep their (own) addresses.
+        self.walk(|ct, flow| ct.flags & (CT_F_PASS | CT_F_LOCAL) == 0 && doomed(flow.nat_addr))
     }
 }
 
@@ -262,12 +264,10 @@ impl Conntrack {
             v4: Tables {
                 ct: take::<Tuple4, CtEntry4>(ebpf, maps::CT4)?,
                 nat: take::<Tuple4, RevEntry4>(ebpf, maps::NAT4)?,
-                names: (maps::CT4, maps::NAT4),
             },
             v6: Tables {
                 ct: take::<Tuple6, CtEntry6>(ebpf, maps::CT6)?,
                 nat: take::<Tuple6, RevEntry6>(ebpf, maps::NAT6)?,
-                names: (maps::CT6, maps::NAT6),
             },
         })
     }
@@ -292,45 +292,7 @@ impl Conntrack {
 
     /// Remove the flows `doomed` selects (whole flows, not by address).
     pub fn flush_flows(&mut self, doomed: &dyn Fn(&Flow) -> bool) -> usize {
-        let mut flushed = 0;
-        for flow in self.flows() {
-            if doomed(&flow) && self.remove_flow(&flow) {
-                flushed += 1;
-            }
-        }
-        flushed
-    }
-
-    fn remove_flow(&mut self, flow: &Flow) -> bool {
-        match (flow.src, flow.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                let key = Tuple::new(
-                    u32::from(s).to_be(),
-                    u32::from(d).to_be(),
-                    flow.sport.to_be(),
-                    flow.dport.to_be(),
-                    flow.protocol,
-                );
-                match self.v4.ct.get(&key, 0) {
-                    Ok(ct) => self.v4.remove(&key, &ct),
-                    Err(_) => false,
-                }
-            }
-            (IpAddr::V6(s), IpAddr::V6(d)) => {
-                let key = Tuple::new(
-                    crate::tables::addr6_words(&s),
-                    crate::tables::addr6_words(&d),
-                    flow.sport.to_be(),
-                    flow.dport.to_be(),
-                    flow.protocol,
-                );
-                match self.v6.ct.get(&key, 0) {
-                    Ok(ct) => self.v6.remove(&key, &ct),
-                    Err(_) => false,
-                }
-            }
-            _ => false,
-        }
+        self.v4.walk(|_, flow| doomed(flow)) + self.v6.walk(|_, flow| doomed(flow))
     }
 
     /// Every tracked flow.
@@ -338,16 +300,6 @@ impl Conntrack {
         let mut out = self.v4.flows();
         out.extend(self.v6.flows());
         out
-    }
-
-    /// Names of the maps, for messages.
-    pub fn map_names(&self) -> [&'static str; 4] {
-        [
-            self.v4.names.0,
-            self.v4.names.1,
-            self.v6.names.0,
-            self.v6.names.1,
-        ]
     }
 }
 

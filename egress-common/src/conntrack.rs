@@ -28,7 +28,7 @@ pub const CT_F_SYN: u16 = 1 << 5;
 /// IPv6 (a type, not a const generic, so family-generic kernel code can
 /// name it through an associated type).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtEntry<A, P> {
     /// `bpf_ktime_get_ns()` when the flow was created.
     pub created_ns: u64,
@@ -72,31 +72,9 @@ unsafe impl aya::Pod for CtEntry4 {}
 // SAFETY: as for CtEntry4.
 unsafe impl aya::Pod for CtEntry6 {}
 
-impl<A: Default, P: Default> Default for CtEntry<A, P> {
-    fn default() -> Self {
-        Self {
-            created_ns: 0,
-            last_seen_ns: 0,
-            packets: 0,
-            bytes: 0,
-            nat_addr: A::default(),
-            nat_port_be: 0,
-            flags: 0,
-            stats_slot: 0,
-            mark: 0,
-            policy: 0,
-            pool: 0,
-            addr_slot: 0,
-            generation: 0,
-            identity: 0,
-            _reserved: P::default(),
-        }
-    }
-}
-
 /// Reverse-NAT table value: where replies to a translated flow go back to.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RevEntry<A, P> {
     /// `bpf_ktime_get_ns()` of the last reply.
     pub last_seen_ns: u64,
@@ -126,22 +104,6 @@ unsafe impl aya::Pod for RevEntry4 {}
 #[cfg(feature = "user")]
 // SAFETY: as for RevEntry4.
 unsafe impl aya::Pod for RevEntry6 {}
-
-impl<A: Default, P: Default> Default for RevEntry<A, P> {
-    fn default() -> Self {
-        Self {
-            last_seen_ns: 0,
-            packets: 0,
-            bytes: 0,
-            orig_addr: A::default(),
-            orig_port_be: 0,
-            flags: 0,
-            stats_slot: 0,
-            addr_slot: 0,
-            _reserved: P::default(),
-        }
-    }
-}
 
 /// Key of the fragment tables: a datagram (RFC 791 identification plus the
 /// addresses and protocol), in the direction its fragments travel.
