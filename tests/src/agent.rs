@@ -15,7 +15,10 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::netns::NetNs;
+use crate::{
+    lab::{Lab, UPLINK},
+    netns::NetNs,
+};
 
 /// The agent binary: `$EGRESS_AGENT_BIN` (set by `cargo xtask`), else the
 /// workspace's debug build.
@@ -40,15 +43,13 @@ pub struct Agent {
 
 /// Log line the agent prints once it is attached and steering.
 pub const READY: &str = "steering on ";
+/// Log lines of an applied and of a rejected reload.
+const RELOADED: &str = "reloaded ";
+const RELOAD_REJECTED: &str = "reload rejected";
 
 impl Agent {
-    /// Start `egress-agent <args>` inside `ns`, echoing its log (prefixed
-    /// with `label`) to stderr.
-    pub fn start(ns: &NetNs, label: &str, args: &[&str]) -> anyhow::Result<Self> {
-        Self::start_binary(&binary(), ns, label, args)
-    }
-
-    /// [`Agent::start`] with an explicit binary.
+    /// Start `bin <args>` (an agent binary) inside `ns`, echoing its log
+    /// (prefixed with `label`) to stderr.
     pub fn start_binary(
         bin: &Path,
         ns: &NetNs,
@@ -98,31 +99,111 @@ impl Agent {
         })
     }
 
-    /// Wait until a log line contains `needle`; fails if the agent exits first.
-    pub fn wait_for(&self, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+    /// Start `egress-agent run --config <config> --uplink up0 <extra>` (the
+    /// binary `bin`) on the lab's gateway, without waiting for it to steer.
+    pub fn start_gateway(
+        bin: &Path,
+        lab: &Lab,
+        config: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let config = config.to_str().context("policy path is not UTF-8")?;
+        let mut args = vec!["run", "--config", config, "--uplink", UPLINK];
+        args.extend_from_slice(extra);
+        Self::start_binary(bin, &lab.gw, "agent", &args)
+    }
+
+    /// The workspace's agent on the lab's gateway ([`Agent::start_gateway`]),
+    /// once it is steering.
+    pub fn steering(lab: &Lab, config: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let agent = Self::start_gateway(&binary(), lab, config, extra)?;
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    /// Wait until `decide` settles on the lines logged so far; fails if the
+    /// agent exits first or `timeout` passes (`what` says what was awaited).
+    fn wait_until<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut decide: impl FnMut(&[String]) -> Option<anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
         let deadline = Instant::now() + timeout;
         let (lock, cvar) = &*self.output;
         let mut out = lock.lock().unwrap();
         loop {
-            if let Some(line) = out.lines.iter().find(|l| l.contains(needle)) {
-                return Ok(line.clone());
+            if let Some(result) = decide(&out.lines) {
+                return result;
             }
             if out.closed {
                 bail!(
-                    "egress-agent exited before logging {needle:?}; its output:\n{}",
+                    "egress-agent exited before logging {what}; its output:\n{}",
                     out.lines.join("\n")
                 );
             }
             let now = Instant::now();
             if now >= deadline {
-                bail!("egress-agent did not log {needle:?} within {timeout:?}");
+                bail!("egress-agent did not log {what} within {timeout:?}");
             }
             out = cvar.wait_timeout(out, deadline - now).unwrap().0;
         }
     }
 
+    /// Wait until a log line contains `needle`; fails if the agent exits first.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+        self.wait_for_count(needle, 1, timeout)
+    }
+
+    /// Wait until `n` (at least 1) log lines contain `needle` and return the
+    /// `n`th: unlike [`Agent::wait_for`], this waits for a line that repeats
+    /// (a reload) to be logged once more.
+    pub fn wait_for_count(
+        &self,
+        needle: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
+        assert!(n >= 1, "lines are counted from 1");
+        let what = if n == 1 {
+            format!("{needle:?}")
+        } else {
+            format!("{needle:?} {n} times")
+        };
+        self.wait_until(&what, timeout, |lines| {
+            lines
+                .iter()
+                .filter(|l| l.contains(needle))
+                .nth(n - 1)
+                .map(|l| Ok(l.clone()))
+        })
+    }
+
     pub fn wait_ready(&self) -> anyhow::Result<()> {
         self.wait_for(READY, Duration::from_secs(20)).map(|_| ())
+    }
+
+    /// Send SIGHUP and wait (10 s at most) for the outcome of the `nth`
+    /// reload since the start, accepted or rejected: its `reloaded` line, or
+    /// an error when the agent rejected it.
+    pub fn reload(&self, nth: usize) -> anyhow::Result<String> {
+        assert!(nth >= 1, "reloads are counted from 1");
+        self.signal(Signal::SIGHUP)?;
+        self.wait_until(
+            &format!("the outcome of reload {nth}"),
+            Duration::from_secs(10),
+            |lines| {
+                let line = lines
+                    .iter()
+                    .filter(|l| l.contains(RELOADED) || l.contains(RELOAD_REJECTED))
+                    .nth(nth - 1)?;
+                Some(if line.contains(RELOADED) {
+                    Ok(line.clone())
+                } else {
+                    Err(anyhow::anyhow!("reload {nth} was rejected: {line}"))
+                })
+            },
+        )
     }
 
     /// Everything logged so far.

@@ -70,25 +70,11 @@ impl Servers {
                 IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                 IpAddr::V6(Ipv6Addr::UNSPECIFIED),
             ] {
-                let listener = ns.run(move || {
-                    let domain = if any.is_ipv4() {
-                        Domain::IPV4
-                    } else {
-                        Domain::IPV6
-                    };
-                    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-                    if any.is_ipv6() {
-                        s.set_only_v6(true)?;
-                    }
-                    s.set_reuse_address(true)?;
-                    s.bind(&SocketAddr::new(any, port).into())?;
-                    s.listen(1024)?;
-                    let l: TcpListener = s.into();
-                    l.set_nonblocking(true)?;
-                    Ok(l)
-                })?;
+                let listener = ns.run(move || Ok(listen(SocketAddr::new(any, port), 1024)?))?;
                 let stop_tcp = Arc::clone(&stop);
-                threads.push(std::thread::spawn(move || tcp_server(&listener, &stop_tcp)));
+                threads.push(std::thread::spawn(move || {
+                    tcp_server(&listener, &stop_tcp, IO_TIMEOUT);
+                }));
             }
             for &addr in addrs {
                 let socket = ns.run(move || {
@@ -101,15 +87,7 @@ impl Servers {
             }
         }
         for v6 in [false, true] {
-            let raw = ns.run(move || {
-                let s = if v6 {
-                    Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?
-                } else {
-                    Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?
-                };
-                s.set_read_timeout(Some(Duration::from_millis(50)))?;
-                Ok(s)
-            })?;
+            let raw = ns.run(move || Ok(icmp_socket(v6, Duration::from_millis(50))?))?;
             let (stop_icmp, seen) = (Arc::clone(&stop), Arc::clone(&icmp));
             threads.push(std::thread::spawn(move || {
                 icmp_recorder(&raw, v6, &stop_icmp, &seen)
@@ -142,9 +120,25 @@ impl Drop for Servers {
     }
 }
 
+/// A non-blocking TCP listener on `addr`; an IPv6 one takes IPv6 only, so
+/// that the IPv4 wildcard can be bound beside it. Call it inside the
+/// server's namespace.
+pub fn listen(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(backlog)?;
+    let l: TcpListener = s.into();
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
 /// One connection of a TCP echo server: the `SEEN` greeting, then every
 /// byte back until EOF, an error or `timeout` of silence.
-pub fn serve_echo(mut conn: TcpStream, peer: SocketAddr, timeout: Duration) {
+fn serve_echo(mut conn: TcpStream, peer: SocketAddr, timeout: Duration) {
     let _ = conn.set_nonblocking(false);
     let _ = conn.set_read_timeout(Some(timeout));
     let _ = conn.set_write_timeout(Some(timeout));
@@ -164,13 +158,18 @@ pub fn serve_echo(mut conn: TcpStream, peer: SocketAddr, timeout: Duration) {
     }
 }
 
-fn tcp_server(listener: &TcpListener, stop: &AtomicBool) {
+/// A TCP echo server on a [`listen`]er until `stop`: every connection is
+/// served on a thread of its own (small stacks, as a test may hold
+/// thousands open) and closed after `idle` of silence.
+pub fn tcp_server(listener: &TcpListener, stop: &AtomicBool, idle: Duration) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((conn, peer)) => {
-                std::thread::spawn(move || serve_echo(conn, peer, IO_TIMEOUT));
+                let _ = std::thread::Builder::new()
+                    .stack_size(128 * 1024)
+                    .spawn(move || serve_echo(conn, peer, idle));
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            Err(_) => std::thread::sleep(Duration::from_millis(1)),
         }
     }
 }
@@ -184,6 +183,18 @@ fn udp_server(socket: &UdpSocket, stop: &AtomicBool) {
             let _ = socket.send_to(&reply, peer);
         }
     }
+}
+
+/// A raw ICMP (`v6`: ICMPv6) socket whose reads give up after
+/// `read_timeout`. Call it inside the namespace it is for.
+pub fn icmp_socket(v6: bool, read_timeout: Duration) -> std::io::Result<Socket> {
+    let s = if v6 {
+        Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?
+    } else {
+        Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?
+    };
+    s.set_read_timeout(Some(read_timeout))?;
+    Ok(s)
 }
 
 fn recv_raw(socket: &Socket, buf: &mut [u8]) -> std::io::Result<(usize, Option<IpAddr>)> {
@@ -234,6 +245,18 @@ fn icmp_recorder(socket: &Socket, v6: bool, stop: &AtomicBool, seen: &Mutex<Vec<
     }
 }
 
+/// `ip:port`, whatever the family.
+pub fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+/// A payload with a recognisable pattern, different per `seed`.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u64 * 7 + i as u64 / 251 + seed * 131) as u8)
+        .collect()
+}
+
 /// A unique payload so a probe can be found among concurrent ones.
 pub fn token(label: &str) -> Vec<u8> {
     static NEXT: AtomicU16 = AtomicU16::new(0);
@@ -245,6 +268,65 @@ pub fn token(label: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// A client connection that has read its server's report.
+pub struct Conn {
+    reader: BufReader<TcpStream>,
+    /// The source address and port the server saw.
+    pub seen: SocketAddr,
+}
+
+/// Connect (from `from`, when given) to an echo server and read its
+/// report. Call it inside the client's namespace.
+pub fn open(
+    from: Option<SocketAddr>,
+    to: SocketAddr,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+) -> anyhow::Result<Conn> {
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
+    if let Some(from) = from {
+        socket.set_reuse_address(true)?;
+        socket
+            .bind(&from.into())
+            .with_context(|| format!("binding {from}"))?;
+    }
+    socket
+        .connect_timeout(&to.into(), connect_timeout)
+        .with_context(|| format!("connecting to {to}"))?;
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(io_timeout))?;
+    stream.set_write_timeout(Some(io_timeout))?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader
+        .read_line(&mut line)
+        .context("reading the server report")?;
+    let seen = parse_seen(&line)?;
+    Ok(Conn { reader, seen })
+}
+
+/// Send `payload` (from a second thread, so that large payloads cannot
+/// deadlock against the echo), close the sending side and read the echo
+/// to EOF. Returns whether it came back unchanged.
+pub fn exchange(conn: Conn, payload: &[u8]) -> anyhow::Result<bool> {
+    let Conn { mut reader, .. } = conn;
+    let mut writer = reader.get_ref().try_clone()?;
+    std::thread::scope(|s| {
+        let sender = s.spawn(move || -> std::io::Result<()> {
+            writer.write_all(payload)?;
+            writer.shutdown(std::net::Shutdown::Write)
+        });
+        let mut echoed = Vec::with_capacity(payload.len());
+        let read = reader.read_to_end(&mut echoed);
+        sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("sender panicked"))?
+            .context("sending the payload")?;
+        read.context("reading the echo")?;
+        Ok(echoed == payload)
+    })
+}
+
 /// Open a TCP connection from `ns` (optionally from a given local address),
 /// read the server's report, send `payload` and check it is echoed back.
 pub fn tcp(
@@ -254,37 +336,11 @@ pub fn tcp(
     payload: Vec<u8>,
 ) -> anyhow::Result<Seen> {
     ns.run(move || {
-        let domain = if to.is_ipv4() {
-            Domain::IPV4
-        } else {
-            Domain::IPV6
-        };
-        let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-        if let Some(from) = from {
-            socket.set_reuse_address(true)?;
-            socket.bind(&from.into())?;
-        }
-        socket
-            .connect_timeout(&to.into(), IO_TIMEOUT)
-            .with_context(|| format!("connecting to {to}"))?;
-        let stream: TcpStream = socket.into();
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        let mut reader = BufReader::new(stream.try_clone()?);
-        let mut line = String::new();
-        reader
-            .read_line(&mut line)
-            .context("reading the server report")?;
-        let src = parse_seen(&line)?;
-        let mut writer = stream;
-        writer.write_all(&payload)?;
-        writer.shutdown(std::net::Shutdown::Write)?;
-        let mut echoed = Vec::new();
-        reader
-            .read_to_end(&mut echoed)
-            .context("reading the echo")?;
+        let conn = open(from, to, IO_TIMEOUT, IO_TIMEOUT)?;
+        let src = conn.seen;
         Ok(Seen {
             src,
-            intact: echoed == payload,
+            intact: exchange(conn, &payload)?,
         })
     })
 }
@@ -332,12 +388,7 @@ pub fn ping(ns: &NetNs, servers: &Servers, to: IpAddr, id: u16) -> anyhow::Resul
     let sent = payload.clone();
     let replied = ns.run(move || {
         let v6 = to.is_ipv6();
-        let socket = if v6 {
-            Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?
-        } else {
-            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?
-        };
-        socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let socket = icmp_socket(v6, Duration::from_millis(200))?;
         let deadline = Instant::now() + Duration::from_secs(3);
         let mut seq = 0u16;
         let mut buf = [0u8; 2048];
@@ -370,9 +421,18 @@ pub fn ping(ns: &NetNs, servers: &Servers, to: IpAddr, id: u16) -> anyhow::Resul
         }
         bail!("no echo reply from {to}")
     })?;
-    let (src, seen_id) = servers
-        .icmp_seen(&payload)
-        .context("the server never saw the echo request")?;
+    // The server's kernel answers before its recorder thread has read the
+    // request off the raw socket: give the recorder a moment.
+    let recorded = Instant::now() + Duration::from_secs(1);
+    let (src, seen_id) = loop {
+        if let Some(seen) = servers.icmp_seen(&payload) {
+            break seen;
+        }
+        if Instant::now() >= recorded {
+            bail!("the server never saw the echo request");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
     Ok(Seen {
         src: SocketAddr::new(src, seen_id),
         intact: replied,

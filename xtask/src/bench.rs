@@ -1,7 +1,10 @@
 //! `cargo xtask bench`: measure the dataplane and write docs/BENCHMARKS.md.
 //! A benchmark, never a timed test: nothing here passes or fails on speed.
 
-use std::{fmt::Write as _, process::Command};
+use std::{
+    fmt::Write as _,
+    process::{Command, Stdio},
+};
 
 use anyhow::Context as _;
 use clap::Args;
@@ -74,15 +77,17 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     cmd.args(["bench", "--package", "egress-tests", "--bench", "dataplane"])
         .env("EGRESS_EBPF_OBJ", &object)
         .env("EGRESS_BENCH_REPEAT", args.repeat.to_string())
-        .env("EGRESS_BENCH_RUNS", args.runs.to_string());
+        .env("EGRESS_BENCH_RUNS", args.runs.to_string())
+        // Progress and errors show as they happen; the table is the output.
+        .stderr(Stdio::inherit());
     if !util::is_root() {
-        cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+        util::run_binaries_with_sudo(&mut cmd)?;
     }
     let output = cmd.output().context("running the dataplane benchmark")?;
     if !output.status.success() {
         anyhow::bail!(
-            "the dataplane benchmark failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
+            "the dataplane benchmark failed ({}); its errors are above",
+            output.status
         );
     }
     let table = String::from_utf8_lossy(&output.stdout).into_owned();

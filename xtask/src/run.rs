@@ -82,13 +82,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         lab.gw.name(),
         lab.inet.name()
     );
-    let config_arg = config.to_str().context("policy path is not UTF-8")?;
-    let mut agent = Agent::start_binary(
-        &agent_bin,
-        &lab.gw,
-        "agent",
-        &["run", "--config", config_arg, "--uplink", UPLINK],
-    )?;
+    let mut agent = Agent::start_gateway(&agent_bin, &lab, &config, &[])?;
     agent.wait_ready()?;
 
     println!();

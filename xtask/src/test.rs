@@ -82,7 +82,7 @@ pub fn test(args: &TestArgs) -> anyhow::Result<()> {
         }
     } else {
         // Build as the user, run the test binary as root.
-        privileged.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+        util::run_binaries_with_sudo(&mut privileged)?;
     }
     privileged.arg("--");
     if let Some(filter) = &args.filter {

@@ -39,6 +39,31 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Make `cmd` (a cargo that runs test or bench binaries it built as the
+/// invoking user) run those binaries through `sudo -E`: cargo's runner
+/// variable for the host target, whose name comes from `rustc -vV`.
+pub fn run_binaries_with_sudo(cmd: &mut Command) -> anyhow::Result<()> {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let out = Command::new(&rustc)
+        .arg("-vV")
+        .output()
+        .context("running rustc -vV")?;
+    if !out.status.success() {
+        bail!("rustc -vV failed ({})", out.status);
+    }
+    let info = String::from_utf8_lossy(&out.stdout);
+    let host = info
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .context("rustc -vV names no host triple")?;
+    let var = format!(
+        "CARGO_TARGET_{}_RUNNER",
+        host.trim().to_uppercase().replace(['-', '.'], "_")
+    );
+    cmd.env(var, "sudo -E");
+    Ok(())
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }

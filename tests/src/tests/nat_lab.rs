@@ -7,9 +7,8 @@
 
 use std::{
     collections::HashSet,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
-    path::Path,
+    io::Read as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -19,7 +18,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use nix::sys::signal::Signal;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::prog_test_run::require_root;
@@ -31,24 +29,13 @@ use crate::{
         servers,
     },
     netns::NetNs,
-    probe::{self, Servers},
+    probe::{self, Conn, Servers, exchange, open, pattern, sa},
     tempdir::TempDir,
 };
 
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.into(), port)
-}
-
-/// A payload with a recognisable pattern, different per `seed`.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u64 * 7 + i as u64 / 251 + seed * 131) as u8)
-        .collect()
-}
 
 /// A policy file: `pools` (the inside of "egress_pools"), `policies`
 /// (placed before a final catch-all to the default egress) and `extra`
@@ -69,21 +56,16 @@ fn policy_set(pools: &str, policies: &[&str], extra: &str) -> String {
     )
 }
 
-fn start_agent(lab: &Lab, config: &Path) -> Agent {
-    let agent = Agent::start(
-        &lab.gw,
-        "agent",
+/// The pool `far` (203.0.113.10 and 2001:db8:e0::/64) for the far server,
+/// both families.
+fn far_via_pool() -> String {
+    policy_set(
+        r#""far": { "ipv4": ["203.0.113.10"], "ipv6": "2001:db8:e0::/64" }"#,
         &[
-            "run",
-            "--config",
-            config.to_str().expect("UTF-8 temp path"),
-            "--uplink",
-            UPLINK,
+            r#"{ "name": "far via pool", "selector": { "dst": ["192.0.2.200/32", "2001:db8:f::10/128"] }, "action": { "egress": "far" } }"#,
         ],
+        "",
     )
-    .expect("starting the agent");
-    agent.wait_ready().expect("the agent must start steering");
-    agent
 }
 
 /// Stop the agent (it logs its counters then) and return its whole log.
@@ -96,6 +78,14 @@ fn stop_agent(agent: &mut Agent) -> Vec<String> {
     agent.lines()
 }
 
+/// The numeric `name=value` among the words of `kvs`.
+fn field(kvs: &str, name: &str) -> Option<u64> {
+    kvs.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.parse().expect("numeric counter"))
+}
+
 /// `name=value` from the agent's final `counters:` line (0 when absent:
 /// only non-zero counters are logged).
 fn counter(lines: &[String], name: &str) -> u64 {
@@ -104,50 +94,27 @@ fn counter(lines: &[String], name: &str) -> u64 {
         .rev()
         .find_map(|l| l.split_once("counters: ").map(|(_, rest)| rest))
         .unwrap_or_else(|| panic!("the agent logged no counters:\n{}", lines.join("\n")));
-    line.split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == name)
-        .map_or(0, |(_, v)| v.parse().expect("numeric counter"))
+    field(line, name).unwrap_or(0)
 }
 
-/// `field=value` of the `egress <addr>: ...` line the agent logs at stop.
-fn addr_counter(lines: &[String], addr: IpAddr, field: &str) -> Option<u64> {
+/// `name=value` of the `egress <addr>: ...` line the agent logs at stop.
+fn addr_counter(lines: &[String], addr: IpAddr, name: &str) -> Option<u64> {
     let prefix = format!("egress {addr}: ");
     let line = lines
         .iter()
         .find_map(|l| l.split_once(&prefix).map(|(_, rest)| rest))?;
-    line.split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == field)
-        .map(|(_, v)| v.parse().expect("numeric counter"))
+    field(line, name)
 }
 
-/// Send SIGHUP and wait for the agent to log the `nth` (1-based) reload;
-/// returns that log line.
+/// Send SIGHUP and wait for the agent to apply the `nth` (1-based) reload;
+/// returns its log line.
 fn reload(agent: &Agent, nth: usize) -> String {
-    agent.signal(Signal::SIGHUP).expect("sending SIGHUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let done: Vec<String> = agent
-            .lines()
-            .into_iter()
-            .filter(|l| l.contains("reloaded "))
-            .collect();
-        if done.len() >= nth {
-            return done[nth - 1].clone();
-        }
-        let rejected = agent.lines().iter().any(|l| l.contains("reload rejected"));
-        assert!(
-            !rejected,
-            "the reload must be accepted:\n{}",
+    agent.reload(nth).unwrap_or_else(|e| {
+        panic!(
+            "the reload must be accepted within 10 s: {e:#}\n{}",
             agent.lines().join("\n")
-        );
-        assert!(
-            Instant::now() < deadline,
-            "the agent must apply the reload within 10 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        )
+    })
 }
 
 /// A TCP echo server with its own listener: it writes `SEEN <peer>\n`, then
@@ -162,34 +129,12 @@ struct Echo {
 impl Echo {
     fn start(ns: &NetNs, addr: SocketAddr, backlog: i32) -> Self {
         let listener = ns
-            .run(move || {
-                let domain = if addr.is_ipv4() {
-                    Domain::IPV4
-                } else {
-                    Domain::IPV6
-                };
-                let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-                s.set_reuse_address(true)?;
-                s.bind(&addr.into())?;
-                s.listen(backlog)?;
-                let l: TcpListener = s.into();
-                l.set_nonblocking(true)?;
-                Ok(l)
-            })
+            .run(move || Ok(probe::listen(addr, backlog)?))
             .unwrap_or_else(|e| panic!("echo server on {addr}: {e:#}"));
         let stop = Arc::new(AtomicBool::new(false));
         let stop_accept = Arc::clone(&stop);
         let accept = std::thread::spawn(move || {
-            while !stop_accept.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, peer)) => {
-                        let _ = std::thread::Builder::new()
-                            .stack_size(128 * 1024)
-                            .spawn(move || probe::serve_echo(conn, peer, Duration::from_secs(60)));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
-                }
-            }
+            probe::tcp_server(&listener, &stop_accept, Duration::from_secs(60));
         });
         Self {
             stop,
@@ -205,75 +150,6 @@ impl Drop for Echo {
             let _ = t.join();
         }
     }
-}
-
-/// A client connection that has read its server's report.
-struct Conn {
-    reader: BufReader<TcpStream>,
-    /// The source address and port the server saw.
-    seen: SocketAddr,
-}
-
-/// Connect (from `from`, when given) to an echo server and read its
-/// report. Must run on a thread inside the client namespace.
-fn open(
-    from: Option<SocketAddr>,
-    to: SocketAddr,
-    connect_timeout: Duration,
-    io_timeout: Duration,
-) -> anyhow::Result<Conn> {
-    let domain = if to.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
-    let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-    if let Some(from) = from {
-        socket.set_reuse_address(true)?;
-        socket
-            .bind(&from.into())
-            .with_context(|| format!("binding {from}"))?;
-    }
-    socket
-        .connect_timeout(&to.into(), connect_timeout)
-        .with_context(|| format!("connecting to {to}"))?;
-    let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(io_timeout))?;
-    stream.set_write_timeout(Some(io_timeout))?;
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    reader
-        .read_line(&mut line)
-        .context("reading the server report")?;
-    let seen = line
-        .trim()
-        .strip_prefix("SEEN ")
-        .with_context(|| format!("unexpected greeting {line:?}"))?
-        .parse()
-        .with_context(|| format!("bad address in {line:?}"))?;
-    Ok(Conn { reader, seen })
-}
-
-/// Send `payload` (from a second thread, so that large payloads cannot
-/// deadlock against the echo), close the sending side and read the echo
-/// to EOF. Returns whether it came back unchanged.
-fn exchange(conn: Conn, payload: &[u8]) -> anyhow::Result<bool> {
-    let Conn { mut reader, .. } = conn;
-    let mut writer = reader.get_ref().try_clone()?;
-    std::thread::scope(|s| {
-        let sender = s.spawn(move || -> std::io::Result<()> {
-            writer.write_all(payload)?;
-            writer.shutdown(std::net::Shutdown::Write)
-        });
-        let mut echoed = Vec::with_capacity(payload.len());
-        let read = reader.read_to_end(&mut echoed);
-        sender
-            .join()
-            .map_err(|_| anyhow::anyhow!("sender panicked"))?
-            .context("sending the payload")?;
-        read.context("reading the echo")?;
-        Ok(echoed == payload)
-    })
 }
 
 /// A fresh TCP connection from the client namespace with short timeouts:
@@ -321,7 +197,7 @@ fn ipv6_pool_and_default_flows_leave_from_their_addresses_intact() {
             "",
         ),
     );
-    let mut agent = start_agent(&lab, &config);
+    let mut agent = Agent::steering(&lab, &config, &[]).expect("the agent must start steering");
     // Pings come from an unbound raw socket: make the kernel pick the first
     // client address for it too (it would prefer the newest, fd00:10::3).
     lab.client
@@ -466,7 +342,7 @@ fn concurrency_2000_flows_sharing_source_ports_get_distinct_translated_ports() {
     let _echo = Echo::start(&lab.inet, to, 4096);
     let dir = TempDir::new("concurrency");
     let config = dir.write("policies.json", &policy_set("", &[], ""));
-    let mut agent = start_agent(&lab, &config);
+    let mut agent = Agent::steering(&lab, &config, &[]).expect("the agent must start steering");
 
     // Phase 1: open every connection (one thread per client address, each
     // reusing the same 100 source ports) and keep them all open.
@@ -604,7 +480,7 @@ fn nat_port_range_exhausted_drops_new_flows_keeps_established_intact() {
         "policies.json",
         &policy_set("", &[], r#", "nat": { "port_range": "40000-40003" }"#),
     );
-    let mut agent = start_agent(&lab, &config);
+    let mut agent = Agent::steering(&lab, &config, &[]).expect("the agent must start steering");
 
     let connect = |i: u8, timeout: Duration| {
         let from = sa(Lab::client_addr(i), SPORT);
@@ -739,17 +615,8 @@ fn pmtud_transfer(v6: bool) {
     let to = sa(server, 443);
     let _echo = Echo::start(lab.far(), to, 16);
     let dir = TempDir::new("pmtud");
-    let config = dir.write(
-        "policies.json",
-        &policy_set(
-            r#""far": { "ipv4": ["203.0.113.10"], "ipv6": "2001:db8:e0::/64" }"#,
-            &[
-                r#"{ "name": "far via pool", "selector": { "dst": ["192.0.2.200/32", "2001:db8:f::10/128"] }, "action": { "egress": "far" } }"#,
-            ],
-            "",
-        ),
-    );
-    let mut agent = start_agent(&lab, &config);
+    let config = dir.write("policies.json", &far_via_pool());
+    let mut agent = Agent::steering(&lab, &config, &[]).expect("the agent must start steering");
 
     let payload = pattern(2 << 20, 42);
     let (seen, intact, connected, took) = lab
@@ -872,14 +739,8 @@ fn ttl_probe(
 ) -> anyhow::Result<((IpAddr, u16, IpAddr), u16)> {
     lab.client.run(move || {
         let v6 = to.is_ipv6();
-        let raw = if v6 {
-            Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?
-        } else {
-            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?
-        };
-        raw.set_read_timeout(Some(Duration::from_millis(200)))?;
-        let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
-        let udp = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+        let raw = probe::icmp_socket(v6, Duration::from_millis(200))?;
+        let udp = Socket::new(Domain::for_address(to), Type::DGRAM, Some(Protocol::UDP))?;
         // The gateway forwards it with 1 left; the internet router drops it.
         if v6 {
             udp.set_unicast_hops_v6(2)?;
@@ -927,17 +788,8 @@ fn ttl_exceeded(v6: bool) {
     require_root();
     let lab = Lab::with_far(0).unwrap();
     let dir = TempDir::new("ttl");
-    let config = dir.write(
-        "policies.json",
-        &policy_set(
-            r#""far": { "ipv4": ["203.0.113.10"], "ipv6": "2001:db8:e0::/64" }"#,
-            &[
-                r#"{ "name": "far via pool", "selector": { "dst": ["192.0.2.200/32", "2001:db8:f::10/128"] }, "action": { "egress": "far" } }"#,
-            ],
-            "",
-        ),
-    );
-    let mut agent = start_agent(&lab, &config);
+    let config = dir.write("policies.json", &far_via_pool());
+    let mut agent = Agent::steering(&lab, &config, &[]).expect("the agent must start steering");
     let (from, to): (IpAddr, SocketAddr) = if v6 {
         (CLIENT6.into(), sa(FAR_SERVER6, 33434))
     } else {
@@ -1010,7 +862,7 @@ fn failover_removed_primary_moves_new_flows_to_secondary_within_2s_and_back() {
             r#", "health": { "interval": "500ms" }"#,
         ),
     );
-    let mut agent = start_agent(&lab, &config);
+    let mut agent = Agent::steering(&lab, &config, &[]).expect("the agent must start steering");
 
     for _ in 0..3 {
         assert_eq!(
@@ -1060,6 +912,12 @@ fn failover_removed_primary_moves_new_flows_to_secondary_within_2s_and_back() {
 // 7. UDP expiry
 // ---------------------------------------------------------------------------
 
+/// One UDP exchange of the client's `from` with `to`, labelled in failures.
+fn udp(lab: &Lab, from: SocketAddr, to: SocketAddr, label: &str) -> probe::Seen {
+    probe::udp(&lab.client, Some(from), to, probe::token(label))
+        .unwrap_or_else(|e| panic!("UDP {from} -> {to} ({label}): {e:#}"))
+}
+
 fn dedicated_for_partner() -> &'static str {
     r#"{ "name": "partner via ded", "selector": { "dst": ["192.0.2.10/32"] }, "action": { "egress": "ded" } }"#
 }
@@ -1073,15 +931,11 @@ fn udp_idle_flow_expires_after_timeout_then_follows_reloaded_policy() {
     let pools = r#""ded": { "ipv4": ["203.0.113.10"] }"#;
     let timeouts = r#", "timeouts": { "udp": "2s" }"#;
     let config = dir.write("policies.json", &policy_set(pools, &[], timeouts));
-    let mut agent = start_agent(&lab, &config);
+    let mut agent = Agent::steering(&lab, &config, &[]).expect("the agent must start steering");
 
     let from = sa(CLIENT, 41000);
     let to = sa(SERVER_PARTNER, 443);
-    let udp = |label: &str| {
-        probe::udp(&lab.client, Some(from), to, probe::token(label))
-            .unwrap_or_else(|e| panic!("UDP {from} -> {to} ({label}): {e:#}"))
-    };
-    let seen = udp("before");
+    let seen = udp(&lab, from, to, "before");
     assert_eq!(
         seen.src.ip(),
         IpAddr::V4(GW_UPLINK),
@@ -1093,7 +947,7 @@ fn udp_idle_flow_expires_after_timeout_then_follows_reloaded_policy() {
         &policy_set(pools, &[dedicated_for_partner()], timeouts),
     );
     reload(&agent, 1);
-    let seen = udp("established");
+    let seen = udp(&lab, from, to, "established");
     assert_eq!(
         seen.src.ip(),
         IpAddr::V4(GW_UPLINK),
@@ -1106,7 +960,7 @@ fn udp_idle_flow_expires_after_timeout_then_follows_reloaded_policy() {
 
     // Idle for the timeout (2 s) plus a sweep interval (1 s) and a margin.
     std::thread::sleep(Duration::from_millis(4000));
-    let seen = udp("after-expiry");
+    let seen = udp(&lab, from, to, "after-expiry");
     assert_eq!(
         seen.src.ip(),
         IpAddr::V4(DEDICATED_PRIMARY),
@@ -1134,15 +988,11 @@ fn reload_removing_pool_ends_its_flows_next_packet_leaves_from_default() {
             "",
         ),
     );
-    let mut agent = start_agent(&lab, &config);
+    let mut agent = Agent::steering(&lab, &config, &[]).expect("the agent must start steering");
 
     let from = sa(CLIENT, 41001);
     let to = sa(SERVER_PARTNER, 443);
-    let udp = |label: &str| {
-        probe::udp(&lab.client, Some(from), to, probe::token(label))
-            .unwrap_or_else(|e| panic!("UDP {from} -> {to} ({label}): {e:#}"))
-    };
-    let seen = udp("pool");
+    let seen = udp(&lab, from, to, "pool");
     assert_eq!(
         seen.src.ip(),
         IpAddr::V4(DEDICATED_PRIMARY),
@@ -1160,7 +1010,7 @@ fn reload_removing_pool_ends_its_flows_next_packet_leaves_from_default() {
         ended >= 1,
         "the reload must end the flow whose egress address was removed: {line}"
     );
-    let seen = udp("after");
+    let seen = udp(&lab, from, to, "after");
     assert_eq!(
         seen.src.ip(),
         IpAddr::V4(GW_UPLINK),
@@ -1183,7 +1033,7 @@ fn nat_port_exhausted_refused_packet_counted_once() {
         "policies.json",
         &policy_set("", &[], r#", "nat": { "port_range": "40000-40000" }"#),
     );
-    let mut agent = start_agent(&lab, &config);
+    let mut agent = Agent::steering(&lab, &config, &[]).expect("the agent must start steering");
     let to = sa(SERVER_PUBLIC, 443);
     // The original port, then the range's only port.
     for i in 0..2 {
@@ -1244,7 +1094,7 @@ fn local_ipv6_dad_probe_from_unspecified_source_reaches_the_uplink() {
     let lab = Lab::new(0).unwrap();
     let dir = TempDir::new("dad");
     let config = dir.write("policies.json", &policy_set("", &[], ""));
-    let mut agent = start_agent(&lab, &config);
+    let mut agent = Agent::steering(&lab, &config, &[]).expect("the agent must start steering");
     let target: Ipv6Addr = "2001:db8:ff::77".parse().unwrap();
     let capture = lab
         .inet

@@ -8,7 +8,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6},
 };
 
 use aya::maps::HashMap as BpfHashMap;
@@ -21,16 +21,13 @@ use egress_common::{
 use etherparse::{Icmpv4Type, Icmpv6Type, icmpv4, icmpv6};
 
 use super::{
-    packet::{self, sa6},
-    prog_test_run::Dp,
+    packet::{self, sa, sa6},
+    prog_test_run::{Dp, TC_ACT_OK, TC_ACT_SHOT},
 };
 use crate::lab::{
     CLIENT, CLIENT6, DEDICATED_PRIMARY, DEDICATED_SECONDARY, GW_UPLINK, GW_UPLINK6, INET_ROUTER,
     POOL6, SERVER_PARTNER, SERVER_PUBLIC, SERVER6_A, SERVER6_B,
 };
-
-const TC_ACT_OK: i32 = 0;
-const TC_ACT_SHOT: i32 = 2;
 
 /// A second and third client on the LAN.
 const CLIENT_B: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 3);
@@ -56,10 +53,6 @@ const POLICY: &str = r#"{
         { "name": "rest", "selector": {}, "action": { "egress": "default" } }
     ]
 }"#;
-
-fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(ip, port)
-}
 
 fn pool6() -> ipnet::Ipv6Net {
     POOL6.parse().unwrap()
@@ -508,56 +501,93 @@ fn echo_collided_flow(dp: &mut Dp) -> (Vec<u8>, Vec<u8>) {
     (original, out)
 }
 
-/// A router's ICMPv4 error about `translated` (quoting its first `quote`
-/// bytes of IP) must reach the client as if the router had sent it the
-/// error about `original` directly: outer destination the client, quoted
-/// source the client's address and port, the rest (quoted destination, MTU)
-/// unchanged, every checksum valid.
-fn assert_error4_restored(
+/// An ICMP error of either family, sent by that family's router.
+#[derive(Clone)]
+enum ErrorKind {
+    V4(Icmpv4Type),
+    V6(Icmpv6Type),
+}
+
+impl From<Icmpv4Type> for ErrorKind {
+    fn from(kind: Icmpv4Type) -> Self {
+        Self::V4(kind)
+    }
+}
+
+impl From<Icmpv6Type> for ErrorKind {
+    fn from(kind: Icmpv6Type) -> Self {
+        Self::V6(kind)
+    }
+}
+
+impl ErrorKind {
+    fn router(&self) -> IpAddr {
+        match self {
+            Self::V4(_) => INET_ROUTER.into(),
+            Self::V6(_) => ROUTER6.into(),
+        }
+    }
+
+    /// The error from the router to `to`, quoting `quoted` (an IP packet).
+    fn frame(&self, to: IpAddr, quoted: &[u8]) -> Vec<u8> {
+        match (self, to) {
+            (Self::V4(kind), IpAddr::V4(to)) => {
+                packet::icmp4_error(INET_ROUTER, to, kind.clone(), quoted)
+            }
+            (Self::V6(kind), IpAddr::V6(to)) => packet::icmp6_error(ROUTER6, to, *kind, quoted),
+            _ => panic!("an error to {to} is of the other family"),
+        }
+    }
+}
+
+/// Source and destination of a frame of either family, every checksum
+/// verified.
+fn addressing(frame: &[u8]) -> (SocketAddr, SocketAddr) {
+    if frame[12..14] == [0x86, 0xdd] {
+        let summary = packet::checked6(frame);
+        (summary.src.into(), summary.dst.into())
+    } else {
+        let summary = packet::checked(frame);
+        (summary.src.into(), summary.dst.into())
+    }
+}
+
+/// A router's ICMP error (either family) about `translated` (quoting its
+/// first `quote` bytes of IP) must reach the client as if the router had
+/// sent it the error about `original` directly: outer destination the
+/// client, quoted source the client's address and port, the rest (quoted
+/// destination, MTU) unchanged, every checksum valid. Returns the error as
+/// it reached the client.
+fn assert_error_restored(
     dp: &mut Dp,
-    kind: Icmpv4Type,
+    kind: impl Into<ErrorKind>,
     original: &[u8],
     translated: &[u8],
     quote: usize,
-) {
-    let (orig, trans) = (packet::checked(original), packet::checked(translated));
-    let input = packet::icmp4_error(
-        INET_ROUTER,
-        *trans.src.ip(),
-        kind.clone(),
-        &packet::ip_of(translated)[..quote],
-    );
+) -> Vec<u8> {
+    let kind = kind.into();
+    let ((client, server), (egress, _)) = (addressing(original), addressing(translated));
+    let input = kind.frame(egress.ip(), &packet::ip_of(translated)[..quote]);
     let before = dp.counter(Counter::IcmpErrorsTranslated);
     let out = in_ok(dp, &input);
     let got = packet::checked_error(&out);
-    assert_eq!(
-        got.outer_src,
-        IpAddr::V4(INET_ROUTER),
-        "outer source unchanged"
-    );
+    assert_eq!(got.outer_src, kind.router(), "outer source unchanged");
     assert_eq!(
         got.outer_dst,
-        IpAddr::V4(*orig.src.ip()),
+        client.ip(),
         "the error must be addressed to the client"
     );
     assert_eq!(
-        got.inner_src,
-        SocketAddr::V4(orig.src),
+        got.inner_src, client,
         "the quoted source must be the client's address and original port"
     );
     assert_eq!(
-        got.inner_dst,
-        SocketAddr::V4(orig.dst),
+        got.inner_dst, server,
         "the quoted destination must not change"
     );
     assert_eq!(
         out,
-        packet::icmp4_error(
-            INET_ROUTER,
-            *orig.src.ip(),
-            kind,
-            &packet::ip_of(original)[..quote]
-        ),
+        kind.frame(client.ip(), &packet::ip_of(original)[..quote]),
         "byte for byte the error the client would get without the gateway (quoted checksums included)"
     );
     assert_eq!(
@@ -565,6 +595,7 @@ fn assert_error4_restored(
         before + 1,
         "the translated error is counted"
     );
+    out
 }
 
 /// The next-hop MTU field of an ICMPv4 fragmentation-needed message.
@@ -572,119 +603,50 @@ fn mtu_of(frame: &[u8]) -> u16 {
     u16::from_be_bytes([frame[14 + 20 + 6], frame[14 + 20 + 7]])
 }
 
-#[test]
-fn icmp_error_frag_needed_udp_flow_rewritten_to_client() {
+/// Fragmentation-needed (several MTUs) and time-exceeded errors about the
+/// flow `flow` sets up, quoting the whole packet and the RFC 792 minimum
+/// (IP header and 8 bytes: ports and TCP sequence number, or the echo
+/// identifier), each restored for the client with its MTU unchanged.
+fn assert_icmp4_errors_restored(flow: fn(&mut Dp) -> (Vec<u8>, Vec<u8>)) {
     let mut dp = Dp::new(POLICY);
-    let (original, translated) = udp_flow(&mut dp);
+    let (original, translated) = flow(&mut dp);
     let full = packet::ip_of(&original).len();
-    assert_error4_restored(&mut dp, frag_needed(1400), &original, &translated, full);
-    // The MTU survives: check it on the wire too.
-    let input = packet::icmp4_error(
-        INET_ROUTER,
-        DEDICATED_PRIMARY,
+    for kind in [
+        frag_needed(576),
         frag_needed(1280),
-        packet::ip_of(&translated),
-    );
-    let out = in_ok(&mut dp, &input);
-    assert_eq!(mtu_of(&out), 1280, "the next-hop MTU must not change");
-    assert_eq!(dp.counter(Counter::IcmpErrorsTranslated), 2);
+        frag_needed(1400),
+        ttl_exceeded(),
+    ] {
+        for quote in [full, 28] {
+            let out = assert_error_restored(&mut dp, kind.clone(), &original, &translated, quote);
+            if let Icmpv4Type::DestinationUnreachable(
+                icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu },
+            ) = kind
+            {
+                assert_eq!(
+                    mtu_of(&out),
+                    next_hop_mtu,
+                    "the next-hop MTU must not change"
+                );
+            }
+        }
+    }
+    assert_eq!(dp.counter(Counter::IcmpErrorsTranslated), 8);
 }
 
 #[test]
-fn icmp_error_frag_needed_tcp_collided_port_rewritten_to_client() {
-    let mut dp = Dp::new(POLICY);
-    let (original, translated) = tcp_collided_flow(&mut dp);
-    // A whole quote (the quoted TCP checksum is fixed too) and the RFC 792
-    // minimum: IP header and 8 bytes (ports and sequence number only).
-    let full = packet::ip_of(&original).len();
-    assert_error4_restored(&mut dp, frag_needed(1400), &original, &translated, full);
-    assert_error4_restored(&mut dp, frag_needed(1400), &original, &translated, 28);
+fn icmp_error_about_udp_flow_rewritten_to_client() {
+    assert_icmp4_errors_restored(udp_flow);
 }
 
 #[test]
-fn icmp_error_frag_needed_echo_collided_id_rewritten_to_client() {
-    let mut dp = Dp::new(POLICY);
-    let (original, translated) = echo_collided_flow(&mut dp);
-    let full = packet::ip_of(&original).len();
-    assert_error4_restored(&mut dp, frag_needed(576), &original, &translated, full);
+fn icmp_error_about_tcp_collided_port_rewritten_to_client() {
+    assert_icmp4_errors_restored(tcp_collided_flow);
 }
 
 #[test]
-fn icmp_error_time_exceeded_udp_flow_rewritten_to_client() {
-    let mut dp = Dp::new(POLICY);
-    let (original, translated) = udp_flow(&mut dp);
-    let full = packet::ip_of(&original).len();
-    assert_error4_restored(&mut dp, ttl_exceeded(), &original, &translated, full);
-    assert_error4_restored(&mut dp, ttl_exceeded(), &original, &translated, 28);
-}
-
-#[test]
-fn icmp_error_time_exceeded_tcp_collided_port_rewritten_to_client() {
-    let mut dp = Dp::new(POLICY);
-    let (original, translated) = tcp_collided_flow(&mut dp);
-    let full = packet::ip_of(&original).len();
-    assert_error4_restored(&mut dp, ttl_exceeded(), &original, &translated, full);
-    assert_error4_restored(&mut dp, ttl_exceeded(), &original, &translated, 28);
-}
-
-#[test]
-fn icmp_error_time_exceeded_echo_collided_id_rewritten_to_client() {
-    let mut dp = Dp::new(POLICY);
-    let (original, translated) = echo_collided_flow(&mut dp);
-    let full = packet::ip_of(&original).len();
-    assert_error4_restored(&mut dp, ttl_exceeded(), &original, &translated, full);
-    assert_error4_restored(&mut dp, ttl_exceeded(), &original, &translated, 28);
-}
-
-/// The ICMPv6 counterpart of [`assert_error4_restored`].
-fn assert_error6_restored(
-    dp: &mut Dp,
-    kind: Icmpv6Type,
-    original: &[u8],
-    translated: &[u8],
-    quote: usize,
-) {
-    let (orig, trans) = (packet::checked6(original), packet::checked6(translated));
-    let input = packet::icmp6_error(
-        ROUTER6,
-        *trans.src.ip(),
-        kind,
-        &packet::ip_of(translated)[..quote],
-    );
-    let before = dp.counter(Counter::IcmpErrorsTranslated);
-    let out = in_ok(dp, &input);
-    let got = packet::checked_error(&out);
-    assert_eq!(got.outer_src, IpAddr::V6(ROUTER6), "outer source unchanged");
-    assert_eq!(
-        got.outer_dst,
-        IpAddr::V6(*orig.src.ip()),
-        "the error must be addressed to the client"
-    );
-    assert_eq!(
-        got.inner_src,
-        SocketAddr::V6(orig.src),
-        "the quoted source must be the client's address and original port"
-    );
-    assert_eq!(
-        got.inner_dst,
-        SocketAddr::V6(orig.dst),
-        "the quoted destination must not change"
-    );
-    assert_eq!(
-        out,
-        packet::icmp6_error(
-            ROUTER6,
-            *orig.src.ip(),
-            kind,
-            &packet::ip_of(original)[..quote]
-        ),
-        "byte for byte the error the client would get without the gateway (quoted checksum included)"
-    );
-    assert_eq!(
-        dp.counter(Counter::IcmpErrorsTranslated),
-        before + 1,
-        "the translated error is counted"
-    );
+fn icmp_error_about_echo_collided_id_rewritten_to_client() {
+    assert_icmp4_errors_restored(echo_collided_flow);
 }
 
 #[test]
@@ -693,7 +655,7 @@ fn icmp6_error_packet_too_big_udp_flow_rewritten_to_client() {
     let original = packet::udp6(sa6(CLIENT6, 7000), sa6(SERVER6_A, 8080), b"datagram");
     let translated = out_ok(&mut dp, &original);
     let full = packet::ip_of(&original).len();
-    assert_error6_restored(
+    assert_error_restored(
         &mut dp,
         Icmpv6Type::PacketTooBig { mtu: 1280 },
         &original,
@@ -701,7 +663,7 @@ fn icmp6_error_packet_too_big_udp_flow_rewritten_to_client() {
         full,
     );
     // Quoting only the fixed header and the UDP header's first 8 bytes.
-    assert_error6_restored(
+    assert_error_restored(
         &mut dp,
         Icmpv6Type::PacketTooBig { mtu: 1400 },
         &original,
@@ -716,12 +678,12 @@ fn icmp6_error_time_exceeded_tcp_and_echo_flows_rewritten_to_client() {
     let tcp = packet::tcp6(sa6(CLIENT6, 40000), sa6(SERVER6_A, 443), true, b"");
     let tcp_out = out_ok(&mut dp, &tcp);
     let full = packet::ip_of(&tcp).len();
-    assert_error6_restored(&mut dp, hop_limit_exceeded(), &tcp, &tcp_out, full);
+    assert_error_restored(&mut dp, hop_limit_exceeded(), &tcp, &tcp_out, full);
 
     let echo = packet::echo6(CLIENT6, SERVER6_A, true, 0x5151, b"trace");
     let echo_out = out_ok(&mut dp, &echo);
     let full = packet::ip_of(&echo).len();
-    assert_error6_restored(&mut dp, hop_limit_exceeded(), &echo, &echo_out, full);
+    assert_error_restored(&mut dp, hop_limit_exceeded(), &echo, &echo_out, full);
 }
 
 #[test]

@@ -8,6 +8,10 @@ use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 
+pub fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
+}
+
 pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, syn: bool, payload: &[u8]) -> Vec<u8> {
     let builder = PacketBuilder::ethernet2(CLIENT_MAC, GW_MAC)
         .ipv4(src.ip().octets(), dst.ip().octets(), 64)

@@ -21,14 +21,15 @@ use egress_common::{
     stats::Counter,
 };
 
-use super::packet::{self, Summary};
+use super::packet::{self, Summary, sa};
 use crate::lab::{
     CLIENT, DEDICATED_PRIMARY, GW_UPLINK, SERVER_INTERNAL, SERVER_PARTNER, SERVER_PUBLIC,
 };
 
 const EXAMPLE: &str = include_str!("../../../examples/policies.json");
-const TC_ACT_OK: i32 = 0;
-const TC_ACT_SHOT: i32 = 2;
+/// The verdicts of a TC program: let the packet pass, drop it.
+pub const TC_ACT_OK: i32 = 0;
+pub const TC_ACT_SHOT: i32 = 2;
 
 pub fn require_root() {
     assert_eq!(
@@ -128,10 +129,6 @@ impl Dp {
     pub fn dataplane_mut(&mut self) -> &mut Dataplane {
         &mut self.dataplane
     }
-}
-
-fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(ip, port)
 }
 
 fn tuple(src: SocketAddrV4, dst: SocketAddrV4, protocol: u8) -> Tuple4 {
@@ -808,5 +805,57 @@ fn snat6_tcp_pool_range_address_stable_per_source_and_reply_restored() {
         packet::checked6(&back).dst,
         sa6(client, 40000),
         "the reply returns to the client"
+    );
+}
+
+/// Nested country prefixes that share a network address (192.0.2.0/24 and
+/// 192.0.2.0/25) are two entries: the longer one wins inside it, the shorter
+/// one covers the rest. Replacing the table keeps both.
+#[test]
+fn geo_nested_prefixes_same_network_both_kept_longest_wins() {
+    const POLICIES: &str = r#"{
+        "egress_pools": {
+            "es": { "ipv4": ["203.0.113.10"] },
+            "pt": { "ipv4": ["203.0.113.11"] }
+        },
+        "default_egress": { "ipv4": "203.0.113.1" },
+        "policies": [
+            { "name": "to Spain", "selector": { "dst_countries": ["ES"] }, "action": { "egress": "es" } },
+            { "name": "to Portugal", "selector": { "dst_countries": ["PT"] }, "action": { "egress": "pt" } }
+        ]
+    }"#;
+    let id = |code: &str| {
+        let (country, _, _) = policy::geo::lookup(code).expect("a known country");
+        policy::geo::country_id(country).expect("a country id")
+    };
+    let mut dp = Dp::new(POLICIES);
+    let entries = [
+        ("192.0.2.0/24".parse().unwrap(), id("PT")),
+        ("192.0.2.0/25".parse().unwrap(), id("ES")),
+    ];
+    // Twice: the second replacement must find both entries already there
+    // and remove neither.
+    for _ in 0..2 {
+        tables::set_countries(dp.dataplane.ebpf_mut(), &entries).unwrap();
+    }
+    let mut left_from = |dst: Ipv4Addr, sport: u16| {
+        let (verdict, out) = dp.egress(&packet::udp(sa(CLIENT, sport), sa(dst, 53), b"q"));
+        assert_eq!(verdict, TC_ACT_OK, "a flow to {dst} must pass");
+        *packet::checked(&out).src.ip()
+    };
+    assert_eq!(
+        left_from(Ipv4Addr::new(192, 0, 2, 10), 4001),
+        Ipv4Addr::new(203, 0, 113, 10),
+        "192.0.2.10 is in the /25 (Spain)"
+    );
+    assert_eq!(
+        left_from(Ipv4Addr::new(192, 0, 2, 200), 4002),
+        Ipv4Addr::new(203, 0, 113, 11),
+        "192.0.2.200 is only in the /24 (Portugal)"
+    );
+    assert_eq!(
+        left_from(Ipv4Addr::new(198, 51, 100, 7), 4003),
+        GW_UPLINK,
+        "an address of no known country leaves from the default egress"
     );
 }

@@ -3,40 +3,35 @@
 //! they saw.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::Path,
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
 };
 
 use aya::programs::{SchedClassifier, TcAttachType};
 
 use super::prog_test_run::require_root;
 use crate::{
-    agent::Agent,
+    agent::{self, Agent},
     lab::{
         CLIENT, DEDICATED_PRIMARY, GW_UPLINK, Lab, SERVER_INTERNAL, SERVER_PARTNER, SERVER_PUBLIC,
         UPLINK, servers,
     },
     netns::NetNs,
-    probe::{self, Servers},
+    probe::{self, Servers, pattern, sa},
     tempdir::TempDir,
 };
 
-fn example() -> String {
+fn example() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../examples/policies.json")
         .canonicalize()
         .unwrap()
-        .display()
-        .to_string()
-}
-
-fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.into(), port)
-}
-
-/// A payload large enough to span many segments, with a recognisable pattern.
-fn bulk(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
 }
 
 /// Program ids attached to `iface` through tcx, seen from inside `ns`.
@@ -58,21 +53,14 @@ fn steer_example_policies_each_flow_leaves_from_its_policy_address() {
     require_root();
     let lab = Lab::new(0).unwrap();
     let servers = Servers::start(&lab.inet, &servers(), &[443, 8080, 9000]).unwrap();
-    let config = example();
-    let mut agent = Agent::start(
-        &lab.gw,
-        "agent",
-        &["run", "--config", &config, "--uplink", UPLINK],
-    )
-    .unwrap();
-    agent.wait_ready().unwrap();
+    let mut agent = Agent::steering(&lab, &example(), &[]).unwrap();
     assert_eq!(
         tcx_programs(&lab.gw, UPLINK),
         2,
         "egress and ingress programs attached"
     );
 
-    let payload = bulk(256 * 1024);
+    let payload = pattern(256 * 1024, 0);
     let cases = [
         (
             SERVER_PARTNER,
@@ -113,7 +101,7 @@ fn steer_example_policies_each_flow_leaves_from_its_policy_address() {
             "TCP to {server}:{port}: 256 KiB must come back intact"
         );
 
-        let seen = probe::udp(&lab.client, None, sa(server, port), bulk(1200))
+        let seen = probe::udp(&lab.client, None, sa(server, port), pattern(1200, 0))
             .unwrap_or_else(|e| panic!("UDP to {server}:{port}: {e:#}"));
         assert_eq!(
             seen.src.ip(),
@@ -168,16 +156,7 @@ fn steer_netlink_attach_mode_removes_its_qdisc_on_exit() {
     require_root();
     let lab = Lab::new(0).unwrap();
     let _servers = Servers::start(&lab.inet, &servers(), &[443]).unwrap();
-    let config = example();
-    let mut agent = Agent::start(
-        &lab.gw,
-        "agent",
-        &[
-            "run", "--config", &config, "--uplink", UPLINK, "--attach", "netlink",
-        ],
-    )
-    .unwrap();
-    agent.wait_ready().unwrap();
+    let mut agent = Agent::steering(&lab, &example(), &["--attach", "netlink"]).unwrap();
     let filters = lab
         .gw
         .exec("tc", &["filter", "show", "dev", UPLINK, "egress"])
@@ -186,7 +165,7 @@ fn steer_netlink_attach_mode_removes_its_qdisc_on_exit() {
         filters.contains("egress_steer"),
         "netlink mode installs a tc filter: {filters}"
     );
-    let seen = probe::tcp(&lab.client, None, sa(SERVER_PUBLIC, 443), bulk(4096)).unwrap();
+    let seen = probe::tcp(&lab.client, None, sa(SERVER_PUBLIC, 443), pattern(4096, 0)).unwrap();
     assert_eq!(
         seen.src.ip(),
         IpAddr::V4(GW_UPLINK),
@@ -214,17 +193,9 @@ fn steer_bad_policy_file_exits_with_path_and_attaches_nothing() {
         .unwrap()
         .replace("\"10.0.0.0/8\"", "\"10.0.0.0/33\"");
     let bad = dir.write("bad.json", &text);
-    let mut agent = Agent::start(
-        &lab.gw,
-        "agent",
-        &["run", "--config", bad.to_str().unwrap(), "--uplink", UPLINK],
-    )
-    .unwrap();
+    let mut agent = Agent::start_gateway(&agent::binary(), &lab, &bad, &[]).unwrap();
     let err = agent
-        .wait_for(
-            "policies[1].selector.dst[0]",
-            std::time::Duration::from_secs(10),
-        )
+        .wait_for("policies[1].selector.dst[0]", Duration::from_secs(10))
         .unwrap();
     assert!(
         err.contains("invalid CIDR \"10.0.0.0/33\""),
@@ -254,16 +225,37 @@ fn swap_set(src: Ipv4Addr, dst: Ipv4Addr) -> String {
     )
 }
 
+/// Threads that run until told to stop. Dropping them (also when the test
+/// panics) tells and joins them, so they cannot keep sending through, and
+/// keeping alive, the lab of a failed test.
+struct Senders<T> {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<T>>,
+}
+
+impl<T> Senders<T> {
+    /// Stop the threads and collect what they returned (a thread's panic
+    /// fails the test).
+    fn finish(mut self) -> Vec<T> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads
+            .drain(..)
+            .map(|t| t.join().expect("a sender thread failed"))
+            .collect()
+    }
+}
+
+impl<T> Drop for Senders<T> {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 #[test]
 fn reload_swapping_sets_under_traffic_never_mixes_tables() {
-    use std::{
-        sync::{
-            Arc,
-            atomic::{AtomicBool, Ordering},
-        },
-        time::{Duration, Instant},
-    };
-
     require_root();
     let lab = Lab::new(1).unwrap();
     let _servers = Servers::start(&lab.inet, &servers(), &[443]).unwrap();
@@ -271,76 +263,60 @@ fn reload_swapping_sets_under_traffic_never_mixes_tables() {
     let set_a = swap_set(Lab::client_addr(0), SERVER_PARTNER);
     let set_b = swap_set(Lab::client_addr(1), SERVER_PUBLIC);
     let config = dir.write("policies.json", &set_a);
-    let agent = Agent::start(
-        &lab.gw,
-        "agent",
-        &[
-            "run",
-            "--config",
-            config.to_str().unwrap(),
-            "--uplink",
-            UPLINK,
-        ],
-    )
-    .unwrap();
-    agent.wait_ready().unwrap();
+    let agent = Agent::steering(&lab, &config, &[]).unwrap();
 
     // Continuous new flows of the two kinds a mix would misroute.
     let stop = Arc::new(AtomicBool::new(false));
     let lab = Arc::new(lab);
-    let senders: Vec<_> = [(0u8, SERVER_PUBLIC), (1, SERVER_PARTNER)]
-        .into_iter()
-        .map(|(client, server)| {
-            let (lab, stop) = (Arc::clone(&lab), Arc::clone(&stop));
-            std::thread::spawn(move || {
-                let mut seen = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let from = sa(Lab::client_addr(client), 0);
-                    match probe::udp(
-                        &lab.client,
-                        Some(from),
-                        sa(server, 443),
-                        probe::token("swap"),
-                    ) {
-                        Ok(s) => seen.push(s),
-                        Err(e) => panic!("flow from {from} to {server} failed: {e:#}"),
+    let senders = Senders {
+        stop: Arc::clone(&stop),
+        threads: [(0u8, SERVER_PUBLIC), (1, SERVER_PARTNER)]
+            .into_iter()
+            .map(|(client, server)| {
+                let (lab, stop) = (Arc::clone(&lab), Arc::clone(&stop));
+                std::thread::spawn(move || {
+                    let mut seen = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let from = sa(Lab::client_addr(client), 0);
+                        match probe::udp(
+                            &lab.client,
+                            Some(from),
+                            sa(server, 443),
+                            probe::token("swap"),
+                        ) {
+                            Ok(s) => seen.push(s),
+                            Err(e) => panic!("flow from {from} to {server} failed: {e:#}"),
+                        }
                     }
-                }
-                seen
+                    seen
+                })
             })
-        })
-        .collect();
+            .collect(),
+    };
 
-    // Swap the sets back and forth while the flows run.
+    // Swap the sets back and forth while the flows run, each swap applied
+    // before the next.
     let deadline = Instant::now() + Duration::from_secs(6);
     let mut reloads = 0;
     while Instant::now() < deadline {
         let next = if reloads % 2 == 0 { &set_b } else { &set_a };
         dir.write("policies.json", next);
-        agent.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
         reloads += 1;
+        agent
+            .reload(reloads)
+            .unwrap_or_else(|e| panic!("swap {reloads} must be applied: {e:#}"));
         std::thread::sleep(Duration::from_millis(40));
     }
-    stop.store(true, Ordering::Relaxed);
-    let seen: Vec<probe::Seen> = senders
-        .into_iter()
-        .flat_map(|t| t.join().unwrap())
-        .collect();
+    let seen: Vec<probe::Seen> = senders.finish().into_iter().flatten().collect();
 
-    agent
-        .wait_for(
-            &format!("generation {}", reloads % 2),
-            Duration::from_secs(5),
-        )
-        .unwrap();
     let applied = agent
         .lines()
         .iter()
         .filter(|l| l.contains("reloaded"))
         .count();
-    assert!(
-        applied >= reloads / 2,
-        "the agent must have applied the reloads ({applied} of {reloads})"
+    assert_eq!(
+        applied, reloads,
+        "the agent must have applied every reload ({applied} of {reloads})"
     );
     assert!(
         seen.len() >= 200,
