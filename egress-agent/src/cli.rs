@@ -40,6 +40,31 @@ pub enum Command {
     /// Convert policies exported from another product into a policy file.
     #[command(subcommand)]
     Import(ImportCommand),
+    /// Add, replace, list or remove sessions (who is behind which source
+    /// addresses) of the running agent, through its control API.
+    ///
+    /// Example: egress-agent session add ana-laptop --user ana@example.com --group finance --address 10.10.0.2 --ttl 8h
+    Session(SessionArgs),
+    /// Change the posture tags of a running session; new flows from its
+    /// addresses are classified with the new tags.
+    ///
+    /// Example: egress-agent posture set ana-laptop compliant disk-encrypted
+    Posture(PostureArgs),
+    /// List the running agent's policies, in order, with their counters.
+    ///
+    /// Example: egress-agent policies --json
+    Policies(PoliciesArgs),
+    /// Reload the running agent's policy file, identities file and country
+    /// databases, as SIGHUP does. A bad file is refused with the field at
+    /// fault and the running configuration stays in force.
+    ///
+    /// Example: egress-agent reload
+    Reload(ReloadArgs),
+    /// Show the running agent's counters (`stats geo`: the country
+    /// databases: files, load time, prefixes, kernel memory).
+    ///
+    /// Example: egress-agent stats geo --json
+    Stats(StatsArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -103,6 +128,52 @@ pub struct RunArgs {
     /// flows keep their translation unless their address was removed).
     #[arg(long)]
     pub reclassify_on_reload: bool,
+
+    /// Control API socket (HTTP/JSON, root only, created with mode 0600 in
+    /// a 0700 directory). `egress-agent session|posture|policies|reload|stats`
+    /// talk to it. Startup fails if another agent listens there.
+    #[arg(long, value_name = "PATH", default_value = crate::api::DEFAULT_SOCKET)]
+    pub api: PathBuf,
+
+    /// Identities file (JSON): sessions known ahead of time, each with
+    /// `user`, `groups`, `posture`, `addresses` and optional `id` and
+    /// `expires_at`. Reloaded with the policies (SIGHUP, `egress-agent reload`).
+    ///
+    /// Format: {"sessions": [{"id": "ana-laptop", "user": "ana@example.com", "groups": ["finance"], "addresses": ["10.10.0.2"]}]}
+    #[arg(long, value_name = "FILE")]
+    pub identities: Option<PathBuf>,
+
+    /// Sessions the agent holds at most (identities file and API together);
+    /// sizes the identity maps. The default fills the identity table.
+    #[arg(long, value_name = "N", default_value_t = egress_common::classify::DEFAULT_IDENTITY_SLOTS - 1)]
+    pub max_sessions: u32,
+
+    /// Largest control API request body, in bytes (a batch of 100 000
+    /// sessions is about 15 MB); larger requests get HTTP 413.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::api::DEFAULT_MAX_BODY)]
+    pub api_max_body: usize,
+
+    /// Destination-country database (repeatable): a MaxMind DB (`.mmdb`,
+    /// with `country_code` or GeoIP2 `country.iso_code` records) or CSV
+    /// ranges `first_ip,last_ip,CC` (IPv4 and IPv6, optional header line).
+    /// Where files overlap, the one given later wins. Reloaded with the
+    /// policies. The country tables take about 78 MiB of kernel memory
+    /// with the default sizes below; without --geoip they are not reserved
+    /// and every destination's country is unknown.
+    ///
+    /// Example: --geoip geo-whois-asn-country.mmdb --geoip overrides.csv
+    #[arg(long, value_name = "FILE")]
+    pub geoip: Vec<PathBuf>,
+
+    /// /24 blocks holding several countries that the country tables hold
+    /// per generation (256 bytes each; a full public database has ~16 000).
+    #[arg(long, value_name = "N", default_value_t = egress_common::geo::DEFAULT_SPLIT_BLOCKS)]
+    pub geo_split_blocks: u32,
+
+    /// IPv6 range entries the country tables hold per generation (24 bytes
+    /// each; a full public database needs ~280 000).
+    #[arg(long, value_name = "N", default_value_t = egress_common::geo::DEFAULT_V6_RANGES)]
+    pub geo_v6_ranges: u32,
 }
 
 #[derive(Args, Debug)]
@@ -139,7 +210,177 @@ pub struct ExplainArgs {
     /// A posture check the device passes (repeatable).
     #[arg(long = "posture")]
     pub posture: Vec<String>,
-    /// Destination country (ISO 3166-1 alpha-2).
+    /// Destination country (ISO 3166-1 alpha-2). Without it, the country
+    /// comes from the --geoip databases, if any.
     #[arg(long)]
     pub country: Option<String>,
+    /// Country database to look the destination up in when --country is
+    /// not given (repeatable, as `run --geoip`: a later file wins where
+    /// files overlap).
+    ///
+    /// Example: --geoip geo-whois-asn-country-ipv4.csv --geoip geo-whois-asn-country-ipv6.csv
+    #[arg(long, value_name = "FILE")]
+    pub geoip: Vec<PathBuf>,
+}
+
+/// Where the running agent's control API listens.
+#[derive(Args, Clone, Debug)]
+pub struct ApiArgs {
+    /// Control API socket of the running agent (its `run --api`).
+    #[arg(long, value_name = "PATH", default_value = crate::api::DEFAULT_SOCKET, global = true)]
+    pub api: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct SessionArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    #[command(subcommand)]
+    pub command: SessionCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SessionCommand {
+    /// Add a session, or replace the one with the same id. Its addresses
+    /// must not overlap another live session's.
+    ///
+    /// Example: egress-agent session add ana-laptop --user ana@example.com --group finance --posture compliant --address 10.10.0.2 --address 2001:db8:10::2 --ttl 8h
+    Add(SessionAddArgs),
+    /// Remove a session: new flows from its addresses have no identity.
+    ///
+    /// Example: egress-agent session rm ana-laptop
+    Rm(SessionRmArgs),
+    /// List the sessions (from the identities file and the API).
+    ///
+    /// Example: egress-agent session ls --json
+    Ls(SessionLsArgs),
+    /// Add or replace many sessions at once, all or none, from a file in
+    /// the identities file's format; entries already expired are skipped.
+    ///
+    /// Format: {"sessions": [{"id": "ana-laptop", "user": "ana@example.com", "addresses": ["10.10.0.2"]}]} or a bare list of entries
+    /// Example: egress-agent session load vpn-sessions.json
+    Load(SessionLoadArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SessionAddArgs {
+    /// Session id: letters, digits and . _ : @ - (at most 256).
+    #[arg(value_name = "ID")]
+    pub id: String,
+    /// The user (e-mail address; compared in lower case).
+    #[arg(long, value_name = "USER")]
+    pub user: String,
+    /// A group of the user (repeatable).
+    #[arg(long = "group", value_name = "GROUP")]
+    pub groups: Vec<String>,
+    /// A posture check the device passes (repeatable).
+    #[arg(long = "posture", value_name = "TAG")]
+    pub posture: Vec<String>,
+    /// A source address or prefix of the user's device (repeatable, or
+    /// comma-separated).
+    ///
+    /// Format: 10.10.0.2, 2001:db8:10::2, 10.8.0.0/24 (no host bits)
+    #[arg(
+        long = "address",
+        value_name = "ADDR",
+        required = true,
+        value_delimiter = ','
+    )]
+    pub addresses: Vec<crate::identity::Claim>,
+    /// When the agent removes the session (RFC 3339).
+    ///
+    /// Example: --expires-at 2026-12-01T18:00:00Z
+    #[arg(long, value_name = "TIME", conflicts_with = "ttl")]
+    pub expires_at: Option<jiff::Timestamp>,
+    /// Remove the session this long from now.
+    ///
+    /// Example: --ttl 8h, --ttl "1h 30m"
+    #[arg(long, value_name = "DURATION")]
+    pub ttl: Option<humantime::Duration>,
+}
+
+#[derive(Args, Debug)]
+pub struct SessionRmArgs {
+    /// Session id.
+    #[arg(value_name = "ID")]
+    pub id: String,
+}
+
+#[derive(Args, Debug)]
+pub struct SessionLsArgs {
+    /// Print the JSON the agent answers instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SessionLoadArgs {
+    /// Sessions file (JSON, the identities file's format; entries without
+    /// an `id` get `load:<index>`).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Print the agent's report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PostureArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    #[command(subcommand)]
+    pub command: PostureCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PostureCommand {
+    /// Replace a session's posture tags; no tags clears them.
+    ///
+    /// Example: egress-agent posture set ana-laptop compliant disk-encrypted
+    Set(PostureSetArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PostureSetArgs {
+    /// Session id.
+    #[arg(value_name = "ID")]
+    pub id: String,
+    /// The posture checks the device now passes.
+    #[arg(value_name = "TAG")]
+    pub tags: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct PoliciesArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// Print the JSON the agent answers instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ReloadArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// Print the JSON the agent answers.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Option<StatsCommand>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StatsCommand {
+    /// The loaded country databases: files, load time, ranges, prefixes
+    /// and the kernel memory their tables use.
+    ///
+    /// Example: egress-agent stats geo
+    Geo,
 }

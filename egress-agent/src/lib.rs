@@ -2,11 +2,16 @@
 //! maps and runs the TC programs that steer each flow out of the right
 //! egress address. The library is what the binary and the tests share.
 
+pub mod api;
 pub mod cli;
+pub mod client;
 pub mod cmd;
 pub mod conntrack;
+pub mod control;
 pub mod counters;
+pub mod geoip;
 pub mod health;
+pub mod identity;
 pub mod loader;
 pub mod local;
 pub mod policy;

@@ -18,7 +18,7 @@ use aya_log::EbpfLogger;
 pub type Logger = EbpfLogger<&'static dyn log::Log>;
 use egress_common::{
     classify::{DEFAULT_IDENTITY_SLOTS, GENERATIONS},
-    maps,
+    geo, maps,
 };
 
 /// The eBPF object built by `cargo xtask build-ebpf`.
@@ -37,8 +37,14 @@ pub struct LoadOptions {
     pub identity_slots: u32,
     /// Source prefixes the identity tries hold.
     pub identity_prefixes: u32,
-    /// Destination prefixes the country tries hold.
-    pub geo_prefixes: u32,
+    /// Reserve the country tables (`egress_common::geo`): about 16 MiB per
+    /// generation for IPv4 blocks plus the sizes below. Without them every
+    /// destination's country is unknown.
+    pub geo: bool,
+    /// /24 blocks holding several countries, per generation.
+    pub geo_split_blocks: u32,
+    /// IPv6 ranges per generation.
+    pub geo_v6_ranges: u32,
     /// Benchmarks only: 1 = translate new flows without recording them,
     /// 2 = record and remove them again (see `BENCH_MODE` in nat.rs).
     pub bench_mode: u8,
@@ -52,7 +58,9 @@ impl Default for LoadOptions {
             max_prefixes: maps::DEFAULT_PREFIXES,
             identity_slots: DEFAULT_IDENTITY_SLOTS,
             identity_prefixes: maps::DEFAULT_IDENTITY_PREFIXES,
-            geo_prefixes: maps::DEFAULT_GEO_PREFIXES,
+            geo: false,
+            geo_split_blocks: geo::DEFAULT_SPLIT_BLOCKS,
+            geo_v6_ranges: geo::DEFAULT_V6_RANGES,
             bench_mode: 0,
         }
     }
@@ -121,6 +129,8 @@ pub struct Dataplane {
 impl Dataplane {
     /// Load the object with sized maps and load both programs into the kernel.
     pub fn load(opts: &LoadOptions) -> Result<Self, LoaderError> {
+        // Unused country tables keep one element per generation.
+        let geo_size = |full: u32| if opts.geo { full } else { GENERATIONS };
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::CT4, opts.max_flows)
             .map_max_entries(maps::NAT4, opts.max_flows)
@@ -134,8 +144,15 @@ impl Dataplane {
             .map_max_entries(maps::ID_CLASS, GENERATIONS * opts.identity_slots)
             .map_max_entries(maps::ID4, opts.identity_prefixes)
             .map_max_entries(maps::ID6, opts.identity_prefixes)
-            .map_max_entries(maps::GEO4, opts.geo_prefixes)
-            .map_max_entries(maps::GEO6, opts.geo_prefixes)
+            .map_max_entries(maps::ID4_HOST, opts.identity_prefixes)
+            .map_max_entries(maps::ID6_HOST, opts.identity_prefixes)
+            .map_max_entries(maps::GEO4, geo_size(GENERATIONS * geo::BLOCK_WORDS_PER_GEN))
+            .map_max_entries(
+                maps::GEO4_SPLIT,
+                geo_size(GENERATIONS * opts.geo_split_blocks),
+            )
+            .map_max_entries(maps::GEO6_BUCKETS, geo_size(GENERATIONS * geo::V6_BUCKETS))
+            .map_max_entries(maps::GEO6, geo_size(GENERATIONS * opts.geo_v6_ranges))
             .override_global("BENCH_MODE", &opts.bench_mode, true)
             .load(EBPF_OBJECT)
             .map_err(|source| LoaderError::Load {

@@ -299,6 +299,101 @@ impl Tables {
         })
     }
 
+    /// Give identity ids their class rows in the active generation, without
+    /// a reload: for identities that appear between reloads (sessions).
+    /// A row the generation lacks is appended to its class table (the
+    /// slots past the compiled rows are unused, so no packet sees a
+    /// half-written row). Checks capacity before writing anything.
+    /// Returns the entries written.
+    pub fn set_identity_classes(&mut self, rows: &[(u32, ClassRow)]) -> Result<usize, TablesError> {
+        let Some(generation) = self.active else {
+            return Ok(0);
+        };
+        if let Some(&(id, _)) = rows.iter().find(|(id, _)| *id >= self.identity_slots) {
+            return Err(TablesError::TooManyIdentities {
+                needed: id as usize,
+                capacity: self.identity_slots - 1,
+            });
+        }
+        let mut index = self.active_class_index(generation);
+        self.check_rows_fit(generation, &index, rows.iter().map(|(_, row)| row))?;
+        let shadow = &mut self.shadow[generation as usize];
+        let base = generation * self.classes_per_gen;
+        let mut writes = 0;
+        for (id, row) in rows {
+            let class = match index.get(row) {
+                Some(&class) => class,
+                None => {
+                    let class = shadow.classes.len() as u32;
+                    self.classes
+                        .set(base + class, row, 0)
+                        .map_err(write_err(maps::CLASSES))?;
+                    shadow.classes.push(*row);
+                    index.insert(*row, class);
+                    writes += 1;
+                    class
+                }
+            };
+            let value = base + class;
+            let slot = *id as usize;
+            if shadow.identities.get(slot) != Some(&value) {
+                self.identities
+                    .set(
+                        identity_slot(generation, self.identity_slots, *id),
+                        value,
+                        0,
+                    )
+                    .map_err(write_err(maps::ID_CLASS))?;
+                if shadow.identities.len() <= slot {
+                    // Unwritten ids in between: a value no class has, so a
+                    // later sync rewrites them.
+                    shadow.identities.resize(slot + 1, u32::MAX);
+                }
+                shadow.identities[slot] = value;
+                writes += 1;
+            }
+        }
+        Ok(writes)
+    }
+
+    /// Check that identity class rows would fit the active generation's
+    /// class table, without writing anything.
+    pub fn check_identity_rows(&self, rows: &[ClassRow]) -> Result<(), TablesError> {
+        match self.active {
+            Some(generation) => {
+                let index = self.active_class_index(generation);
+                self.check_rows_fit(generation, &index, rows.iter())
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn active_class_index(&self, generation: u32) -> HashMap<ClassRow, u32> {
+        let held = &self.shadow[generation as usize].classes;
+        let mut index = HashMap::with_capacity(held.len());
+        for (i, row) in held.iter().enumerate() {
+            index.entry(*row).or_insert(i as u32);
+        }
+        index
+    }
+
+    fn check_rows_fit<'a>(
+        &self,
+        generation: u32,
+        index: &HashMap<ClassRow, u32>,
+        rows: impl Iterator<Item = &'a ClassRow>,
+    ) -> Result<(), TablesError> {
+        let new_rows: HashSet<&ClassRow> = rows.filter(|row| !index.contains_key(*row)).collect();
+        let needed = self.shadow[generation as usize].classes.len() + new_rows.len();
+        if needed > self.classes_per_gen as usize {
+            return Err(TablesError::TooManyClasses {
+                needed,
+                capacity: self.classes_per_gen,
+            });
+        }
+        Ok(())
+    }
+
     /// Policies of the active set with their counter slots, in list order.
     pub fn active_policies(&self) -> &[ActivePolicy] {
         &self.active_policies
@@ -723,7 +818,7 @@ pub fn addr6_words(addr: &std::net::Ipv6Addr) -> [u32; 4] {
 }
 
 /// Replace the contents of a policy-independent trie pair (identities by
-/// source, countries by destination). New entries go in before stale ones
+/// source). New entries go in before stale ones
 /// are removed, so no covered address is ever briefly unknown, unless the
 /// trie could not hold both at once.
 fn replace_prefixes<V: Pod + PartialEq>(
@@ -795,10 +890,4 @@ pub fn set_identity_addrs(
     entries: &[(IpNet, IdentityRef)],
 ) -> Result<(), TablesError> {
     replace_prefixes(ebpf, (maps::ID4, maps::ID6), entries)
-}
-
-/// Which country id each destination prefix is in.
-pub fn set_countries(ebpf: &mut Ebpf, entries: &[(IpNet, u16)]) -> Result<(), TablesError> {
-    let entries: Vec<(IpNet, u32)> = entries.iter().map(|(n, c)| (*n, u32::from(*c))).collect();
-    replace_prefixes(ebpf, (maps::GEO4, maps::GEO6), &entries)
 }

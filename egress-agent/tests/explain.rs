@@ -327,6 +327,108 @@ fn explain_country_pt_matches_country_policy() {
     );
 }
 
+/// Country ranges: the partner's /25 in Spain, with one address moved to
+/// Portugal by an override file given after the database.
+const GEO_DB: &str =
+    "first_ip,last_ip,country_code\n\n192.0.2.0,192.0.2.127,ES\n2001:db8::,2001:db8::ffff,PT\n";
+const GEO_OVERRIDE: &str = "192.0.2.10,192.0.2.10,PT\n";
+
+#[test]
+fn explain_geoip_later_file_decides_country_and_names_it() {
+    let dir = TempDir::new("geoip");
+    let config = dir.write("policies.json", IDENTITY_POLICIES);
+    let db = dir.write("countries.csv", GEO_DB);
+    let fix = dir.write("override.csv", GEO_OVERRIDE);
+    let (db, fix) = (db.to_str().unwrap(), fix.to_str().unwrap());
+
+    let report = explain(&config, &flow(&["--geoip", db, "--geoip", fix]));
+    assert_eq!(
+        report.lines().next(),
+        Some(format!("geoip: 192.0.2.10 is in PT (Portugal) according to {fix}").as_str()),
+        "the report says which country the lookup found and which file decided: {report}"
+    );
+    assert!(
+        report
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.ends_with(", destination country PT")),
+        "the flow carries the country found: {report}"
+    );
+    assert_eq!(
+        result_line(&report),
+        "result: policy [1] \"to Portugal\" -> leaves from 203.0.113.30 (pool portugal)",
+        "the looked-up country selects the country policy"
+    );
+
+    let report = explain(&config, &flow(&["--geoip", db]));
+    assert!(
+        report.starts_with(&format!(
+            "geoip: 192.0.2.10 is in ES (Spain) according to {db}\n"
+        )),
+        "without the override the database's country holds: {report}"
+    );
+    assert!(
+        policy_line(&report, 1).contains("is false for country ES"),
+        "Spain fails the Portugal policy: {report}"
+    );
+
+    let report = explain(
+        &config,
+        &[
+            "--src",
+            "10.10.0.2",
+            "--dst",
+            "198.51.100.7",
+            "--geoip",
+            db,
+            "--geoip",
+            fix,
+        ],
+    );
+    assert!(
+        report.starts_with(&format!(
+            "geoip: 198.51.100.7 is in none of the databases ({db}, {fix}): country unknown\n"
+        )),
+        "an address no file lists has no country: {report}"
+    );
+    assert!(
+        policy_line(&report, 1).contains("is false for country unknown"),
+        "an unknown country matches no country policy: {report}"
+    );
+
+    let report = explain(
+        &config,
+        &[
+            "--src",
+            "10.10.0.2",
+            "--dst",
+            "192.0.2.10",
+            "--country",
+            "ES",
+            "--geoip",
+            fix,
+        ],
+    );
+    assert!(
+        report.starts_with("flow: ") && report.contains(", destination country ES\n"),
+        "--country is used as given, the databases are not consulted: {report}"
+    );
+}
+
+#[test]
+fn explain_geoip_bad_database_line_rejected() {
+    let dir = TempDir::new("geoip-bad");
+    let bad = dir.write("bad.csv", "192.0.2.0,192.0.2.x,ES\n");
+    let stderr = explain_error(&example(), &flow(&["--geoip", bad.to_str().unwrap()]));
+    assert!(
+        stderr.contains(&format!(
+            "{}:1: \"192.0.2.x\" is not an IP address",
+            bad.display()
+        )),
+        "the error names the file, the line and the bad value: {stderr}"
+    );
+}
+
 // Bugs found while writing these tests; each asserts the correct behaviour.
 
 #[test]

@@ -11,5 +11,6 @@
 pub mod classify;
 pub mod conntrack;
 pub mod flow;
+pub mod geo;
 pub mod maps;
 pub mod stats;

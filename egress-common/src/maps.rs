@@ -30,11 +30,21 @@ pub const DST6: &str = "EG_DST6";
 pub const ID4: &str = "EG_ID4";
 /// Source IPv6 prefix -> identity id.
 pub const ID6: &str = "EG_ID6";
+/// Source IPv4 address -> identity id: sessions' single addresses (/32),
+/// an exact-match hash that is cheaper than the trie it is tried before.
+pub const ID4_HOST: &str = "EG_ID4_HOST";
+/// Source IPv6 address (/128) -> identity id.
+pub const ID6_HOST: &str = "EG_ID6_HOST";
 /// Classifier: (generation, identity id) -> class row.
 pub const ID_CLASS: &str = "EG_ID_CLASS";
-/// Destination IPv4 prefix -> country id (not per generation).
+/// Country tables (see `crate::geo`), per generation of their own:
+/// IPv4 /24 block -> country id, eight blocks per element.
 pub const GEO4: &str = "EG_GEO4";
-/// Destination IPv6 prefix -> country id.
+/// IPv4 /24 block holding several countries -> one id per address.
+pub const GEO4_SPLIT: &str = "EG_GEO4_SPLIT";
+/// IPv6 top 16 bits -> the ranges starting there.
+pub const GEO6_BUCKETS: &str = "EG_GEO6_BKT";
+/// IPv6 ranges sorted by start -> country id.
 pub const GEO6: &str = "EG_GEO6";
 /// Classifier: (generation, country id) -> class row.
 pub const GEO_CLASS: &str = "EG_GEO_CLASS";
@@ -48,7 +58,8 @@ pub const ACTIONS: &str = "EG_ACTIONS";
 pub const POOLS: &str = "EG_POOLS";
 /// Generation -> per-generation settings (port range).
 pub const SETTINGS: &str = "EG_SETTINGS";
-/// The active generation: one `u32`, flipped by one write.
+/// The active generations (policies, countries: `crate::geo::GEN_SLOT_*`),
+/// each flipped by one write.
 pub const GEN: &str = "EG_GEN";
 /// IPv4 addresses of the gateway itself (its own traffic is never steered).
 pub const LOCAL4: &str = "EG_LOCAL4";
@@ -80,8 +91,12 @@ pub const ALL: &[&str] = &[
     DST6,
     ID4,
     ID6,
+    ID4_HOST,
+    ID6_HOST,
     ID_CLASS,
     GEO4,
+    GEO4_SPLIT,
+    GEO6_BUCKETS,
     GEO6,
     GEO_CLASS,
     PORTS,
@@ -112,8 +127,6 @@ pub const DEFAULT_CLASSES_PER_GEN: u32 = 16384;
 pub const DEFAULT_PREFIXES: u32 = 65536;
 /// Default prefix capacity of the identity tries (addresses of sessions).
 pub const DEFAULT_IDENTITY_PREFIXES: u32 = 262_144;
-/// Default prefix capacity of each country trie.
-pub const DEFAULT_GEO_PREFIXES: u32 = 1 << 20;
 /// Datagrams whose fragments can be in flight at once (each direction shares).
 pub const MAX_FRAG_DATAGRAMS: u32 = 16384;
 /// Capacity of the gateway-address table.

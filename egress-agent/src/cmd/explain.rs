@@ -1,18 +1,20 @@
 //! `egress-agent explain`: which policy a flow matches, why the earlier ones
-//! do not, and where it would leave from.
+//! do not, and where it would leave from (with the destination's country
+//! given or looked up in `--geoip` databases).
 
-use std::{fmt::Write as _, net::IpAddr};
+use std::{fmt::Write as _, net::IpAddr, path::PathBuf};
 
 use anyhow::{Context as _, bail};
 
 use crate::{
     cli::ExplainArgs,
+    geoip,
     policy::{
         self, PolicySet,
         compile::Lookup,
         eval::{Context, Flow, Mismatch},
         geo,
-        model::{Atom, Dimension, Egress, Expr, Identity, Protocol},
+        model::{Atom, CountryCode, Dimension, Egress, Expr, Identity, Protocol},
     },
 };
 
@@ -89,19 +91,26 @@ pub fn report(set: &PolicySet, args: &ExplainArgs) -> anyhow::Result<String> {
             groups: args.groups.iter().cloned().collect(),
             posture: args.posture.iter().cloned().collect(),
         });
-    let country = match &args.country {
-        None => None,
-        Some(code) => Some(
-            geo::lookup(code)
-                .with_context(|| {
-                    let hint = if code.eq_ignore_ascii_case("UK") {
-                        " (the United Kingdom is GB)"
-                    } else {
-                        ""
-                    };
-                    format!("--country {code:?} is not an ISO 3166-1 alpha-2 code{hint}")
-                })?
-                .0,
+    let (country, geoip_line) = match &args.country {
+        None if !args.geoip.is_empty() => {
+            let (country, line) = country_from_databases(&args.geoip, args.dst)?;
+            (country, Some(line))
+        }
+        None => (None, None),
+        Some(code) => (
+            Some(
+                geo::lookup(code)
+                    .with_context(|| {
+                        let hint = if code.eq_ignore_ascii_case("UK") {
+                            " (the United Kingdom is GB)"
+                        } else {
+                            ""
+                        };
+                        format!("--country {code:?} is not an ISO 3166-1 alpha-2 code{hint}")
+                    })?
+                    .0,
+            ),
+            None,
         ),
     };
     let ctx = Context {
@@ -110,7 +119,7 @@ pub fn report(set: &PolicySet, args: &ExplainArgs) -> anyhow::Result<String> {
         country,
     };
 
-    let mut out = String::new();
+    let mut out = geoip_line.unwrap_or_default();
     let proto_name =
         Protocol::from_number(proto).map_or_else(|| proto.to_string(), |p| p.to_string());
     let _ = write!(out, "flow: {proto_name} {} -> {}", flow.src, flow.dst);
@@ -201,6 +210,48 @@ pub fn report(set: &PolicySet, args: &ExplainArgs) -> anyhow::Result<String> {
     }
     let _ = writeln!(out, " -> {}", egress_line(set, egress, flow.src));
     Ok(out)
+}
+
+/// The destination's country by the `--geoip` databases, and the report
+/// line saying what they answered and which file decided.
+fn country_from_databases(
+    paths: &[PathBuf],
+    dst: IpAddr,
+) -> anyhow::Result<(Option<CountryCode>, String)> {
+    let found = geoip::locate(paths, dst)
+        .with_context(|| format!("looking up --dst {dst} in the --geoip databases"))?;
+    Ok(match found {
+        Some((path, id)) => match geo::by_id(u16::from(id)) {
+            Some((code, _)) => {
+                let name = geo::lookup(&code.to_string()).map_or("", |(_, name, _)| name);
+                (
+                    Some(code),
+                    format!(
+                        "geoip: {dst} is in {code} ({name}) according to {}\n",
+                        path.display()
+                    ),
+                )
+            }
+            None => (
+                None,
+                format!(
+                    "geoip: {dst} is listed in {} with a code that is not an ISO 3166-1 country: country unknown\n",
+                    path.display()
+                ),
+            ),
+        },
+        None => (
+            None,
+            format!(
+                "geoip: {dst} is in none of the databases ({}): country unknown\n",
+                paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+    })
 }
 
 fn egress_line(set: &PolicySet, egress: Egress, src: IpAddr) -> String {

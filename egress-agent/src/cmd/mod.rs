@@ -3,7 +3,13 @@
 mod check;
 mod explain;
 mod import;
+mod policies;
+mod posture;
+mod reload;
 mod run;
+mod session;
+mod stats;
+mod table;
 
 use crate::cli::{Command, ImportCommand};
 
@@ -14,6 +20,11 @@ impl Command {
             Command::Check(args) => check::check(&args),
             Command::Explain(args) => explain::explain(&args),
             Command::Import(ImportCommand::GatewayRules(args)) => import::gateway_rules(&args),
+            Command::Session(args) => session::session(args).await,
+            Command::Posture(args) => posture::posture(args).await,
+            Command::Policies(args) => policies::policies(args).await,
+            Command::Reload(args) => reload::reload(args).await,
+            Command::Stats(args) => stats::stats(args).await,
         }
     }
 }

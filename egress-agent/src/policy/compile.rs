@@ -498,7 +498,13 @@ fn l4(rules: &[Rule<'_>], interner: &mut Interner) -> Vec<u32> {
 /// mentions identities, even through `not`.
 pub(super) fn identity_accepts(rules: &[Rule<'_>], identities: &[Identity]) -> Accepts {
     let n = identities.len() + 1;
+    // Rules share atoms (the same group in many policies): each distinct
+    // one is evaluated over the identities once.
+    let memo: std::cell::RefCell<HashMap<Atom, FixedBitSet>> = Default::default();
     let atom = |a: &Atom| {
+        if let Some(set) = memo.borrow().get(a) {
+            return set.clone();
+        }
         let mut set = FixedBitSet::with_capacity(n);
         for (i, id) in identities.iter().enumerate() {
             let hit = match a {
@@ -509,6 +515,7 @@ pub(super) fn identity_accepts(rules: &[Rule<'_>], identities: &[Identity]) -> A
             };
             set.set(i + 1, hit);
         }
+        memo.borrow_mut().insert(a.clone(), set.clone());
         set
     };
     let mut accepts = accepts(rules, Dimension::Identity, n, &atom);
@@ -518,6 +525,17 @@ pub(super) fn identity_accepts(rules: &[Rule<'_>], identities: &[Identity]) -> A
         }
     }
     accepts
+}
+
+/// The identity class rows of `identities` under `set`, without compiling
+/// the rest: what a session change needs for identities new to the
+/// dataplane. Equal to the rows [`compile`] gives the same identities.
+pub fn identity_rows(set: &PolicySet, identities: &[Identity]) -> Vec<ClassRow> {
+    let rules = rules(set);
+    let n = identities.len() + 1;
+    let mut rows = rows(&identity_accepts(&rules, identities), n);
+    rows.remove(0);
+    rows
 }
 
 fn identity_classes(
@@ -631,6 +649,15 @@ mod tests {
 
     fn check_against_reference(case: &testing::Case) -> Result<(), TestCaseError> {
         let compiled = compile(&case.set, &case.identities);
+        let incremental = identity_rows(&case.set, &case.identities);
+        for (i, row) in incremental.iter().enumerate() {
+            prop_assert_eq!(
+                row,
+                &compiled.classes[compiled.identities[i + 1] as usize],
+                "identity_rows must equal the compiled row of identity {}",
+                i + 1
+            );
+        }
         for probe in &case.probes {
             let ctx = Context {
                 flow: probe.flow,

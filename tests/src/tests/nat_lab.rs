@@ -40,7 +40,7 @@ use crate::{
 /// A policy file: `pools` (the inside of "egress_pools"), `policies`
 /// (placed before a final catch-all to the default egress) and `extra`
 /// top-level members (each starting with a comma).
-fn policy_set(pools: &str, policies: &[&str], extra: &str) -> String {
+pub(crate) fn policy_set(pools: &str, policies: &[&str], extra: &str) -> String {
     let mut all: Vec<&str> = policies.to_vec();
     let catch_all = r#"{ "name": "catch-all", "selector": {}, "action": { "egress": "default" } }"#;
     all.push(catch_all);

@@ -9,6 +9,7 @@ use aya::{
 };
 use egress_agent::{
     counters,
+    geoip::{GeoReport, GeoTables, GeoWriter},
     loader::{Dataplane, LoadOptions},
     policy,
     tables::{self, Tables},
@@ -44,21 +45,53 @@ pub fn require_root() {
 pub struct Dp {
     dataplane: Dataplane,
     tables: Tables,
+    /// The country tables' writer, when they were reserved (`opts.geo`).
+    geo: Option<GeoWriter>,
 }
 
 impl Dp {
     pub fn new(policies: &str) -> Self {
+        Self::with_options(
+            policies,
+            &LoadOptions {
+                max_flows: 16384,
+                ..LoadOptions::default()
+            },
+        )
+    }
+
+    pub fn with_options(policies: &str, opts: &LoadOptions) -> Self {
         require_root();
-        let mut dataplane = Dataplane::load(&LoadOptions {
-            max_flows: 16384,
-            ..LoadOptions::default()
-        })
-        .unwrap_or_else(|e| panic!("loading the dataplane: {e}"));
+        let mut dataplane =
+            Dataplane::load(opts).unwrap_or_else(|e| panic!("loading the dataplane: {e}"));
         tables::set_local_addrs(dataplane.ebpf_mut(), &[GW_UPLINK.into()]).unwrap();
+        // Before `Tables::new`, which takes the generation map.
+        let geo = opts.geo.then(|| {
+            GeoWriter::new(dataplane.ebpf_mut())
+                .unwrap_or_else(|e| panic!("opening the country maps: {e}"))
+        });
         let tables = Tables::new(dataplane.ebpf_mut()).unwrap();
-        let mut dp = Self { dataplane, tables };
+        let mut dp = Self {
+            dataplane,
+            tables,
+            geo,
+        };
         dp.apply(policies);
         dp
+    }
+
+    /// The country tables' writer (the dataplane must be loaded with `geo`).
+    pub fn geo(&mut self) -> &mut GeoWriter {
+        self.geo
+            .as_mut()
+            .expect("the dataplane was loaded with LoadOptions { geo: true, .. }")
+    }
+
+    /// Load country tables, as the agent does on start and reload.
+    pub fn set_countries(&mut self, countries: &GeoTables) -> GeoReport {
+        self.geo()
+            .apply(countries)
+            .unwrap_or_else(|e| panic!("loading the country tables: {e}"))
     }
 
     pub fn apply(&mut self, policies: &str) {
@@ -607,7 +640,7 @@ fn snat_no_policy_matches_uses_default_egress() {
 }
 
 /// Build the first packet of `flow` (TCP, UDP or ICMP echo) from `sport`.
-fn first_packet(flow: &policy::eval::Flow, sport: u16) -> Vec<u8> {
+pub fn first_packet(flow: &policy::eval::Flow, sport: u16) -> Vec<u8> {
     use super::packet::{echo6, sa6, tcp6, udp6};
     match (flow.src, flow.dst) {
         (std::net::IpAddr::V4(src), std::net::IpAddr::V4(dst)) => match flow.proto {
@@ -625,7 +658,7 @@ fn first_packet(flow: &policy::eval::Flow, sport: u16) -> Vec<u8> {
 }
 
 /// The policy index the kernel recorded for the flow `first_packet` made.
-fn recorded_policy(dp: &mut Dp, flow: &policy::eval::Flow, sport: u16) -> Option<u16> {
+pub fn recorded_policy(dp: &mut Dp, flow: &policy::eval::Flow, sport: u16) -> Option<u16> {
     let dport = if matches!(flow.proto, proto::ICMP | proto::ICMPV6) {
         0
     } else {
@@ -653,7 +686,10 @@ fn recorded_policy(dp: &mut Dp, flow: &policy::eval::Flow, sport: u16) -> Option
 fn classify_random_policy_sets_kernel_agrees_with_reference() {
     use std::{collections::HashMap, net::IpAddr};
 
-    use egress_agent::policy::{eval::Context, geo, testing};
+    use egress_agent::{
+        geoip::{Merged, Ranges},
+        policy::{eval::Context, geo, testing},
+    };
     use egress_common::classify::IdentityRef;
     use ipnet::IpNet;
     use proptest::{
@@ -661,7 +697,17 @@ fn classify_random_policy_sets_kernel_agrees_with_reference() {
         test_runner::{Config, RngAlgorithm, TestRng, TestRunner},
     };
 
-    let mut dp = Dp::new(EXAMPLE);
+    let mut dp = Dp::with_options(
+        EXAMPLE,
+        &LoadOptions {
+            max_flows: 16384,
+            geo: true,
+            // One address per probe: a split block or a few IPv6 ranges each.
+            geo_split_blocks: 1024,
+            geo_v6_ranges: 4096,
+            ..LoadOptions::default()
+        },
+    );
     let mut runner = TestRunner::new_with_rng(
         Config::default(),
         TestRng::deterministic_rng(RngAlgorithm::ChaCha),
@@ -696,10 +742,13 @@ fn classify_random_policy_sets_kernel_agrees_with_reference() {
             .iter()
             .map(|(a, id)| (host(a), IdentityRef { id: *id, key: *id }))
             .collect();
-        let geo_entries: Vec<(IpNet, u16)> =
-            country_of.iter().map(|(a, c)| (host(a), *c)).collect();
+        let mut countries = Ranges::default();
+        for (a, c) in &country_of {
+            countries.push(*a, *a, *c as u8);
+        }
         tables::set_identity_addrs(dp.dataplane.ebpf_mut(), &ids).unwrap();
-        tables::set_countries(dp.dataplane.ebpf_mut(), &geo_entries).unwrap();
+        let countries = GeoTables::build(&Merged::new([&countries])).unwrap();
+        dp.set_countries(&countries);
 
         for probe in &case.probes {
             let flow = probe.flow;
@@ -808,11 +857,13 @@ fn snat6_tcp_pool_range_address_stable_per_source_and_reply_restored() {
     );
 }
 
-/// Nested country prefixes that share a network address (192.0.2.0/24 and
-/// 192.0.2.0/25) are two entries: the longer one wins inside it, the shorter
-/// one covers the rest. Replacing the table keeps both.
+/// Nested country ranges that share a first address (192.0.2.0/24 in
+/// Portugal, then 192.0.2.0/25 in Spain): the one listed later wins inside
+/// it, the wider one covers the rest. Loading the tables again keeps both.
 #[test]
-fn geo_nested_prefixes_same_network_both_kept_longest_wins() {
+fn geo_nested_ranges_later_wins_inside_wider_covers_rest() {
+    use egress_agent::geoip::{Merged, Ranges};
+
     const POLICIES: &str = r#"{
         "egress_pools": {
             "es": { "ipv4": ["203.0.113.10"] },
@@ -826,17 +877,25 @@ fn geo_nested_prefixes_same_network_both_kept_longest_wins() {
     }"#;
     let id = |code: &str| {
         let (country, _, _) = policy::geo::lookup(code).expect("a known country");
-        policy::geo::country_id(country).expect("a country id")
+        policy::geo::country_id(country).expect("a country id") as u8
     };
-    let mut dp = Dp::new(POLICIES);
-    let entries = [
-        ("192.0.2.0/24".parse().unwrap(), id("PT")),
-        ("192.0.2.0/25".parse().unwrap(), id("ES")),
-    ];
-    // Twice: the second replacement must find both entries already there
-    // and remove neither.
+    let mut dp = Dp::with_options(
+        POLICIES,
+        &LoadOptions {
+            max_flows: 16384,
+            geo: true,
+            ..LoadOptions::default()
+        },
+    );
+    let mut ranges = Ranges::default();
+    let addr = |a: &str| a.parse::<std::net::IpAddr>().unwrap();
+    ranges.push(addr("192.0.2.0"), addr("192.0.2.255"), id("PT"));
+    ranges.push(addr("192.0.2.0"), addr("192.0.2.127"), id("ES"));
+    let countries = GeoTables::build(&Merged::new([&ranges])).unwrap();
+    // Twice: the second load goes to the other generation and must hold
+    // both ranges there too.
     for _ in 0..2 {
-        tables::set_countries(dp.dataplane.ebpf_mut(), &entries).unwrap();
+        dp.set_countries(&countries);
     }
     let mut left_from = |dst: Ipv4Addr, sport: u16| {
         let (verdict, out) = dp.egress(&packet::udp(sa(CLIENT, sport), sa(dst, 53), b"q"));

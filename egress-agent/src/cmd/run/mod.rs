@@ -2,9 +2,11 @@
 //! the uplink, and keep it right: reload on SIGHUP, expire idle flows, fail
 //! dedicated addresses over, and detach cleanly on SIGINT/SIGTERM.
 
+mod control;
+
 use std::{
     net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -18,10 +20,18 @@ use tokio::{
 };
 
 use crate::{
+    api::{self, ApiLimits},
     cli::RunArgs,
     conntrack::Conntrack,
+    control::{Command, ControlError, ReloadView},
     counters,
+    geoip::{self, GeoReport, GeoTables, GeoWriter, LoadStats},
     health::Monitor,
+    identity::{
+        self, Origin,
+        dataplane::IdentityTries,
+        registry::{Limits, Pending, Registry},
+    },
     loader::{Dataplane, LoadOptions},
     local,
     policy::{
@@ -59,27 +69,61 @@ struct Agent {
     health_changes: Vec<(Ipv4Addr, bool)>,
     local: Vec<IpAddr>,
     reclassify_on_reload: bool,
+    /// Live sessions and their identity ids.
+    registry: Registry,
+    tries: IdentityTries,
+    identities: Option<PathBuf>,
+    /// Country databases (`--geoip`), reloaded with the policies.
+    geoip: Vec<PathBuf>,
+    geo_writer: GeoWriter,
+    geo: Option<Geo>,
+}
+
+/// The loaded country databases: the tables (for re-classifying flows on
+/// reload) and what loading them measured.
+struct Geo {
+    tables: GeoTables,
+    stats: LoadStats,
+    report: GeoReport,
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let RunArgs {
-        config,
-        uplink,
-        max_flows,
-        max_classes,
-        max_prefixes,
-        attach,
-        reclassify_on_reload,
-    } = args;
-
+    // First of all: a signal that arrives while starting up must stop the
+    // agent through its clean path, not kill it with maps attached.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     // Validate before touching the kernel: a bad file attaches nothing.
+    let config = args.config.clone();
+    let uplink = args.uplink.clone();
     let set = policy::load(&config).with_context(|| config.display().to_string())?;
-    let compiled = policy::compile(&set, &[]);
+    let now = jiff::Timestamp::now();
+    let file_sessions = match &args.identities {
+        Some(path) => Some(identity::file::load(
+            path,
+            now,
+            identity::file::FILE_ID_PREFIX,
+        )?),
+        None => None,
+    };
 
+    let geo_tables = if args.geoip.is_empty() {
+        None
+    } else {
+        let (tables, stats) = geoip::load(&args.geoip).context("loading the country databases")?;
+        Some((tables, stats))
+    };
+
+    let identity_slots = args.max_sessions.saturating_add(1).max(2);
     let mut dataplane = Dataplane::load(&LoadOptions {
-        max_flows: max_flows.unwrap_or(set.nat.max_flows),
-        classes_per_gen: max_classes,
-        max_prefixes,
+        max_flows: args.max_flows.unwrap_or(set.nat.max_flows),
+        classes_per_gen: args.max_classes,
+        max_prefixes: args.max_prefixes,
+        identity_slots,
+        identity_prefixes: (args.max_sessions.saturating_mul(2)).max(1024),
+        geo: geo_tables.is_some(),
+        geo_split_blocks: args.geo_split_blocks,
+        geo_v6_ranges: args.geo_v6_ranges,
         ..LoadOptions::default()
     })
     .context("loading the dataplane")?;
@@ -103,65 +147,140 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     warn_unassigned(&set, &local);
     tables::set_local_addrs(dataplane.ebpf_mut(), &local)
         .context("recording this host's addresses")?;
-    let mut tables = Tables::new(dataplane.ebpf_mut()).context("opening the policy maps")?;
+    // Before the policy tables: the country writer opens its own handle on
+    // the generation map that `Tables` takes.
+    let mut geo_writer =
+        GeoWriter::new(dataplane.ebpf_mut()).context("opening the country maps")?;
+    let geo = match geo_tables {
+        Some((tables, stats)) => {
+            let report = geo_writer
+                .apply(&tables)
+                .context("writing the country tables")?;
+            info!("country databases: {report}");
+            Some(Geo {
+                tables,
+                stats,
+                report,
+            })
+        }
+        None => None,
+    };
+    let tables = Tables::new(dataplane.ebpf_mut()).context("opening the policy maps")?;
+    let tries = IdentityTries::new(dataplane.ebpf_mut()).context("opening the identity maps")?;
     let conntrack =
         Conntrack::new(dataplane.ebpf_mut()).context("opening the connection tables")?;
-    let report = tables
-        .apply(&set, &compiled)
+    let registry = Registry::new(Limits {
+        max_sessions: args.max_sessions as usize,
+        max_identities: identity_slots - 1,
+        max_prefixes: (args.max_sessions.saturating_mul(2)).max(1024) as usize,
+    });
+
+    let timeouts = Arc::new(Mutex::new(set.timeouts));
+    let conntrack = Arc::new(Mutex::new(conntrack));
+    let mut agent = Agent {
+        config,
+        compiled: policy::compile(&set, &[]),
+        set,
+        dataplane,
+        tables,
+        conntrack: Arc::clone(&conntrack),
+        timeouts: Arc::clone(&timeouts),
+        monitor: Monitor::default(),
+        health_changes: Vec::new(),
+        local,
+        reclassify_on_reload: args.reclassify_on_reload,
+        registry,
+        tries,
+        identities: args.identities.clone(),
+        geoip: args.geoip.clone(),
+        geo_writer,
+        geo,
+    };
+    let report = agent
+        .tables
+        .apply(&agent.set, &agent.compiled)
         .context("writing the policy tables")?;
-    dataplane
-        .attach(&uplink, attach)
+    if let Some(file) = file_sessions {
+        let started = std::time::Instant::now();
+        let upserts = file
+            .sessions
+            .into_iter()
+            .map(|(id, spec)| (id, spec, Origin::File))
+            .collect();
+        let path = args
+            .identities
+            .as_deref()
+            .unwrap_or(Path::new(""))
+            .display();
+        let change = agent
+            .change_sessions(upserts, vec![], true)
+            .map_err(|e| anyhow::anyhow!("identities file {path}: {}", field_message(&e)))?;
+        info!(
+            "identities file {path}: {} sessions, {} distinct identities, loaded in {:.0?} ({} expired entries skipped)",
+            change.added,
+            agent.registry.identity_count(),
+            started.elapsed(),
+            file.expired
+        );
+    }
+    let (control_tx, mut control_rx) = tokio::sync::mpsc::channel::<Command>(64);
+    let api = api::serve(
+        &args.api,
+        control_tx,
+        ApiLimits {
+            max_body: args.api_max_body,
+        },
+    )
+    .await
+    .with_context(|| format!("starting the control API on {}", args.api.display()))?;
+    info!("control API listening on {}", args.api.display());
+    agent
+        .dataplane
+        .attach(&uplink, args.attach)
         .with_context(|| format!("attaching to uplink {uplink}"))?;
     info!(
         "steering on {uplink}: {} policies ({} rules, {} classes), generation {} ({} map writes)",
-        set.policies.len(),
+        agent.set.policies.len(),
         report.rules,
         report.classes,
         report.generation,
         report.writes
     );
 
-    let timeouts = Arc::new(Mutex::new(set.timeouts));
-    let conntrack = Arc::new(Mutex::new(conntrack));
-    let sweeper = tokio::spawn(sweep_forever(Arc::clone(&conntrack), Arc::clone(&timeouts)));
-    let mut health_every = tokio::time::interval(set.health.interval);
-    let mut agent = Agent {
-        config,
-        set,
-        compiled,
-        dataplane,
-        tables,
-        conntrack,
-        timeouts,
-        monitor: Monitor::default(),
-        health_changes: Vec::new(),
-        local,
-        reclassify_on_reload,
-    };
-
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
+    let sweeper = tokio::spawn(sweep_forever(conntrack, timeouts));
+    let mut health_every = tokio::time::interval(agent.set.health.interval);
+    let mut expiry_every = tokio::time::interval(Duration::from_secs(1));
     loop {
+        let interval = agent.set.health.interval;
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sighup.recv() => {
-                let interval = agent.set.health.interval;
-                agent.reload();
-                if agent.set.health.interval != interval {
-                    health_every = tokio::time::interval(agent.set.health.interval);
-                }
+                let _ = agent.reload();
             }
+            Some(command) = control_rx.recv() => agent.handle(command),
             _ = health_every.tick() => agent.health_round().await,
+            _ = expiry_every.tick() => agent.expire_sessions(),
+        }
+        if agent.set.health.interval != interval {
+            health_every = tokio::time::interval(agent.set.health.interval);
         }
     }
 
+    api.shutdown().await;
     sweeper.abort();
     info!("stopping: detaching from {uplink}");
     agent.log_counters();
     agent.dataplane.detach();
     Ok(())
+}
+
+/// An API error as one line: the field at fault, then why.
+fn field_message(e: &ControlError) -> String {
+    match &e.field {
+        Some(field) => format!("{field}: {}", e.message),
+        None => e.message.clone(),
+    }
 }
 
 /// Expire idle flows, forever (a blocking walk of the tables, off the main task).
@@ -207,29 +326,60 @@ fn is_egress(set: &PolicySet, addr: IpAddr) -> bool {
 }
 
 impl Agent {
-    /// Replace the running policy set with the file's, or keep it when the
-    /// file is rejected.
-    fn reload(&mut self) {
-        let config = self.config.display();
-        let set = match policy::load(&self.config) {
-            Ok(set) => set,
-            Err(err) => {
-                error!("reload rejected, previous policies stay in force: {config}: {err}");
-                return;
-            }
+    /// Reload the policy file and the identities file: both are read and
+    /// checked before anything changes; a rejected reload keeps everything
+    /// that is running.
+    fn reload(&mut self) -> Result<ReloadView, ControlError> {
+        let result = self.try_reload();
+        match &result {
+            Ok(_) => {}
+            Err(err) => error!("reload rejected, previous policies stay in force: {err}"),
+        }
+        result
+    }
+
+    fn try_reload(&mut self) -> Result<ReloadView, ControlError> {
+        let config = self.config.display().to_string();
+        let set = policy::load(&self.config)
+            .map_err(|err| ControlError::unprocessable(None, format!("{config}: {err}")))?;
+        let file_sessions = self.prepare_identities_file()?;
+        let geo = if self.geoip.is_empty() {
+            None
+        } else {
+            let (tables, stats) = geoip::load(&self.geoip).map_err(|err| {
+                ControlError::unprocessable(Some("geoip".into()), err.to_string())
+            })?;
+            self.geo_writer.check(&tables).map_err(|err| {
+                ControlError::unprocessable(Some("geoip".into()), err.to_string())
+            })?;
+            Some((tables, stats))
         };
-        let compiled = policy::compile(&set, &[]);
-        let report = match self.tables.apply(&set, &compiled) {
-            Ok(report) => report,
-            Err(err) => {
-                error!("reload rejected, previous policies stay in force: {err}");
-                return;
+        let compiled = policy::compile(&set, &self.registry.identities());
+        let report = self
+            .tables
+            .apply(&set, &compiled)
+            .map_err(|err| ControlError::unprocessable(None, err.to_string()))?;
+        let previous = std::mem::replace(&mut self.set, set);
+        if let Some((tables, stats)) = geo {
+            match self.geo_writer.apply(&tables) {
+                Ok(report) => {
+                    info!("country databases reloaded: {report}");
+                    self.geo = Some(Geo {
+                        tables,
+                        stats,
+                        report,
+                    });
+                }
+                // Checked to fit above: a failure here is the kernel's.
+                Err(err) => error!("country databases not reloaded, the previous stay: {err}"),
             }
-        };
+        }
+        let geo = self.geo.as_ref().map(|g| &g.tables);
+        let set = &self.set;
         // Established flows keep their translation, unless their egress
         // address is gone (or the operator asked for re-evaluation).
         let mut conntrack = self.conntrack.lock().expect("conntrack lock");
-        let removed = conntrack.flush(&|addr| !is_egress(&set, addr));
+        let removed = conntrack.flush(&|addr| !is_egress(set, addr));
         let reclassified = if self.reclassify_on_reload {
             conntrack.flush_flows(&|flow| {
                 let lookup = Lookup {
@@ -240,12 +390,12 @@ impl Agent {
                         dst_port: flow.dport,
                     },
                     identity: flow.identity,
-                    country: 0,
+                    country: geo.map_or(0, |g| u16::from(g.lookup(flow.dst))),
                 };
                 let egress = compiled
                     .classify(&lookup)
                     .map_or(Egress::Default, |i| set.policies[i].action.egress);
-                !leaves_as(&set, egress, flow.nat_addr, flow.flags)
+                !leaves_as(set, egress, flow.nat_addr, flow.flags)
             })
         } else {
             0
@@ -253,8 +403,9 @@ impl Agent {
         drop(conntrack);
         *self.timeouts.lock().expect("timeouts lock") = set.timeouts;
         info!(
-            "reloaded {config}: {} policies, generation {} ({} writes, {} deletes); ended {} flows whose egress address was removed{}",
+            "reloaded {config}: {} policies (was {}), generation {} ({} writes, {} deletes); ended {} flows whose egress address was removed{}",
             set.policies.len(),
+            previous.policies.len(),
             report.generation,
             report.writes,
             report.deletes,
@@ -265,8 +416,72 @@ impl Agent {
                 String::new()
             }
         );
-        self.set = set;
+        let view = ReloadView {
+            policies: set.policies.len(),
+            generation: report.generation,
+            writes: report.writes,
+            deletes: report.deletes,
+        };
         self.compiled = compiled;
+        if let Some(pending) = file_sessions {
+            // Rows of new identities are computed under the new policies.
+            let change = self.commit_sessions(pending).map_err(|err| {
+                ControlError::unprocessable(
+                    Some("identities".into()),
+                    format!("policies reloaded, but the identities file was not applied: {err}"),
+                )
+            })?;
+            info!(
+                "identities file: {} sessions added, {} replaced, {} removed",
+                change.added, change.replaced, change.removed
+            );
+        }
+        Ok(view)
+    }
+
+    /// Read the identities file (if any) and check it as one change that
+    /// replaces every session the file gave before.
+    fn prepare_identities_file(&self) -> Result<Option<Pending>, ControlError> {
+        let Some(path) = &self.identities else {
+            return Ok(None);
+        };
+        let now = jiff::Timestamp::now();
+        let file =
+            identity::file::load(path, now, identity::file::FILE_ID_PREFIX).map_err(|err| {
+                ControlError::unprocessable(Some("identities".into()), err.to_string())
+            })?;
+        if file.expired > 0 {
+            info!(
+                "identities file {}: {} entries already expired, skipped",
+                path.display(),
+                file.expired
+            );
+        }
+        let keep: std::collections::HashSet<&str> =
+            file.sessions.iter().map(|(id, _)| id.as_str()).collect();
+        let removals = self
+            .registry
+            .ids_of(Origin::File)
+            .into_iter()
+            .filter(|id| !keep.contains(id.as_str()))
+            .collect();
+        let upserts = file
+            .sessions
+            .into_iter()
+            .map(|(id, spec)| (id, spec, Origin::File))
+            .collect();
+        self.registry
+            .prepare(upserts, removals, now, true)
+            .map(Some)
+            .map_err(|err| {
+                ControlError::unprocessable(
+                    Some(format!(
+                        "identities{}",
+                        err.field.map(|f| format!(" {f}")).unwrap_or_default()
+                    )),
+                    format!("identities file {}: {}", path.display(), err.message),
+                )
+            })
     }
 
     /// One health round: fail pools over from addresses that went down (and
