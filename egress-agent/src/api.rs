@@ -31,7 +31,7 @@ use tokio::{
 };
 
 use crate::{
-    control::{BatchReport, Command, ControlError, PolicyView, ReloadView, Reply},
+    control::{BatchReport, Command, ControlError, LogView, PolicyView, ReloadView, Reply},
     identity::{SessionSpec, SessionView, model::validate_id},
 };
 
@@ -225,6 +225,7 @@ fn router(shared: Shared) -> Router {
         .route("/v1/sessions/{id}/posture", put(set_posture))
         .route("/v1/policies", get(policies))
         .route("/v1/reload", post(reload))
+        .route("/v1/log", post(set_log))
         .route("/v1/stats", get(stats))
         .route("/v1/stats/geo", get(geo_stats))
         .fallback(no_route)
@@ -331,6 +332,26 @@ async fn policies(State(s): State<Shared>) -> Result<Json<Vec<PolicyView>>, Cont
 
 async fn reload(State(s): State<Shared>) -> Result<Json<ReloadView>, ControlError> {
     s.ask(|reply| Command::Reload { reply }).await.map(Json)
+}
+
+/// Body of `POST /v1/log`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogBody {
+    kernel: bool,
+}
+
+async fn set_log(
+    State(s): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<LogView>, ControlError> {
+    let LogBody { kernel } = body::parse(&s.bytes(body)?)?;
+    s.ask(|reply| Command::KernelLog {
+        enabled: kernel,
+        reply,
+    })
+    .await
+    .map(Json)
 }
 
 async fn stats(State(s): State<Shared>) -> Result<Json<serde_json::Value>, ControlError> {

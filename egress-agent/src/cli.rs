@@ -27,6 +27,13 @@ pub enum Command {
     ///
     /// Example: egress-agent run --config /etc/egress/policies.json --uplink eth0
     Run(RunArgs),
+    /// Remove a dataplane a stopped agent left pinned (`run
+    /// --keep-dataplane`, a crash): detach its programs and remove its pinned
+    /// maps, which ends every flow it was translating. Refused while an agent
+    /// runs on the pin path; nothing to remove is not an error.
+    ///
+    /// Example: egress-agent down --pin-path /sys/fs/bpf/egress-agent
+    Down(DownArgs),
     /// Validate a policy file and print what it compiles to. Nothing is
     /// loaded or attached.
     ///
@@ -51,6 +58,8 @@ pub enum Command {
     /// Example: egress-agent posture set ana-laptop compliant disk-encrypted
     Posture(PostureArgs),
     /// List the running agent's policies, in order, with their counters.
+    /// When the agent is not answering (stopped with --keep-dataplane), the
+    /// counters of the named policy slots are read from the pinned maps.
     ///
     /// Example: egress-agent policies --json
     Policies(PoliciesArgs),
@@ -60,11 +69,33 @@ pub enum Command {
     ///
     /// Example: egress-agent reload
     Reload(ReloadArgs),
+    /// Switch the running agent's kernel log records on or off: the
+    /// dataplane's own warnings about rare events (new flows dropped for
+    /// want of a port, an address or table space; packets it cannot
+    /// translate; failed rewrites), shown in the agent's log. Off by
+    /// default and at every start: while on, a flood of such drops logs a
+    /// line per dropped packet.
+    ///
+    /// Example: egress-agent log kernel on
+    Log(LogArgs),
     /// Show the running agent's counters (`stats geo`: the country
-    /// databases: files, load time, prefixes, kernel memory).
+    /// databases: files, load time, prefixes, kernel memory). When the
+    /// agent is not answering, the counters are read from the pinned maps.
     ///
     /// Example: egress-agent stats geo --json
     Stats(StatsArgs),
+    /// List the flows in the connection tables: original and translated
+    /// tuples, policy, user, age, packets and bytes each way. Reads the
+    /// pinned maps, so it works while the agent runs and after it stopped
+    /// with --keep-dataplane (users come from the running agent's sessions).
+    ///
+    /// Example: egress-agent flows --user ana@example.com --egress 203.0.113.10
+    Flows(FlowsArgs),
+    /// List the pinned maps: type, entries and capacity (arrays always hold
+    /// their capacity).
+    ///
+    /// Example: egress-agent maps --json
+    Maps(MapsArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -102,9 +133,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub config: PathBuf,
 
-    /// Interface flows leave from; the TC programs attach here.
-    #[arg(long, value_name = "IFACE")]
-    pub uplink: String,
+    /// Interface flows leave from; the TC programs attach here. Repeatable:
+    /// a pool whose `interface` names one of them has its flows leave from
+    /// it (redirected there when routing chose another uplink); replies are
+    /// restored on whichever uplink they arrive.
+    ///
+    /// Example: --uplink eth0 --uplink eth1
+    #[arg(long, value_name = "IFACE", required = true)]
+    pub uplink: Vec<String>,
 
     /// Flows the connection tables hold (each direction); overrides the
     /// policy file's nat.max_flows.
@@ -123,17 +159,66 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     pub attach: AttachMode,
 
+    /// Directory on a BPF filesystem (created 0700) where the maps and the
+    /// program attachments are pinned. An agent started on a pin path that
+    /// holds a dataplane (left by --keep-dataplane, a crash or `kill -9`)
+    /// takes it over: established flows keep their translation and keep
+    /// flowing, counters continue. Only one agent may use a pin path.
+    /// `ip netns exec` hides /sys/fs/bpf: there, use a BPF filesystem
+    /// mounted elsewhere.
+    #[arg(long, value_name = "DIR", default_value = crate::pin::DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+
+    /// On SIGINT/SIGTERM leave the dataplane running for the next agent:
+    /// programs stay attached and maps pinned (for an upgrade or a planned
+    /// restart). Without it the agent detaches and removes its pins.
+    /// `egress-agent down` removes a kept dataplane.
+    #[arg(long)]
+    pub keep_dataplane: bool,
+
     /// On reload, also re-evaluate established flows and end those the new
     /// policies would send out of another address (by default established
     /// flows keep their translation unless their address was removed).
     #[arg(long)]
     pub reclassify_on_reload: bool,
 
+    /// Where the agent keeps sessions added through the control API, so a
+    /// restarted or upgraded agent still has them (created 0700).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/egress-agent")]
+    pub state_dir: PathBuf,
+
+    /// Do not reload when the policy file, the identities file or a country
+    /// database changes on disk (by default a change that has settled for
+    /// half a second triggers a reload, as SIGHUP does).
+    #[arg(long)]
+    pub no_watch: bool,
+
     /// Control API socket (HTTP/JSON, root only, created with mode 0600 in
     /// a 0700 directory). `egress-agent session|posture|policies|reload|stats`
     /// talk to it. Startup fails if another agent listens there.
     #[arg(long, value_name = "PATH", default_value = crate::api::DEFAULT_SOCKET)]
     pub api: PathBuf,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default):
+    /// per-policy and per-egress-address traffic, flows and active flows,
+    /// port exhaustion, drops by reason, reloads, map fill. Not
+    /// authenticated: bind it to a loopback or management address.
+    ///
+    /// Example: --metrics 127.0.0.1:9464
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+
+    /// Write a flow log: a JSON line for every new translation, every end
+    /// of one (reason "fin", "rst", "expired" or "flushed") and every new
+    /// flow dropped for want of a port ("port_exhausted"), with the time,
+    /// original and translated tuples, policy and user. FILE is appended to
+    /// (created 0600); `-` is standard output. A destination that cannot be
+    /// written is retried every few seconds; lines meanwhile are lost and
+    /// counted. Without it the dataplane emits no flow events at all.
+    ///
+    /// Format: {"time":"2026-05-01T10:00:00.25Z","event":"new","reason":"translated","protocol":"tcp","original":{"src":"10.10.0.2","sport":40001,"dst":"192.0.2.10","dport":443},"translated":{"src":"203.0.113.10","sport":40001,"dst":"192.0.2.10","dport":443},"policy":"partner","identity":3,"user":"ana@example.com"}
+    #[arg(long, value_name = "FILE|-")]
+    pub flow_log: Option<PathBuf>,
 
     /// Identities file (JSON): sessions known ahead of time, each with
     /// `user`, `groups`, `posture`, `addresses` and optional `id` and
@@ -174,6 +259,13 @@ pub struct RunArgs {
     /// each; a full public database needs ~280 000).
     #[arg(long, value_name = "N", default_value_t = egress_common::geo::DEFAULT_V6_RANGES)]
     pub geo_v6_ranges: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct DownArgs {
+    /// The pin path the agent ran with (its `run --pin-path`).
+    #[arg(long, value_name = "DIR", default_value = crate::pin::DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -350,13 +442,76 @@ pub struct PostureSetArgs {
     pub tags: Vec<String>,
 }
 
+/// Where the agent pins its maps, for commands that read them directly.
+#[derive(Args, Clone, Debug)]
+pub struct PinArgs {
+    /// The agent's pin path (its `run --pin-path`).
+    #[arg(long, value_name = "DIR", default_value = crate::pin::DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct FlowsArgs {
+    #[command(flatten)]
+    pub pin: PinArgs,
+    /// The running agent's control API, asked which user is behind each
+    /// flow's source address.
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// Only flows of this user (needs the running agent's sessions).
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Only flows translated to this egress address.
+    #[arg(long, value_name = "IP")]
+    pub egress: Option<std::net::IpAddr>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct MapsArgs {
+    #[command(flatten)]
+    pub pin: PinArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Args, Debug)]
 pub struct PoliciesArgs {
     #[command(flatten)]
     pub api: ApiArgs,
+    #[command(flatten)]
+    pub pin: PinArgs,
     /// Print the JSON the agent answers instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LogArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    #[command(subcommand)]
+    pub command: LogCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LogCommand {
+    /// Kernel log records of rare dataplane events.
+    ///
+    /// Example: egress-agent log kernel off
+    Kernel {
+        #[arg(value_enum)]
+        state: OnOff,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Args, Debug)]
@@ -369,6 +524,8 @@ pub struct ReloadArgs {
 pub struct StatsArgs {
     #[command(flatten)]
     pub api: ApiArgs,
+    #[command(flatten)]
+    pub pin: PinArgs,
     /// Print the JSON the agent answers.
     #[arg(long, global = true)]
     pub json: bool,

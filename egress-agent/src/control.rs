@@ -100,6 +100,14 @@ pub struct PolicyView {
     pub bytes: u64,
 }
 
+/// The dataplane's log switches (`POST /v1/log`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct LogView {
+    /// Kernel log records of rare events (drops of new flows, rewrite
+    /// failures) are on.
+    pub kernel: bool,
+}
+
 /// The result of a reload.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ReloadView {
@@ -153,5 +161,14 @@ pub enum Command {
     /// The loaded country databases: files, load time, ranges, memory.
     GeoStats {
         reply: Reply<serde_json::Value>,
+    },
+    /// The metrics in the Prometheus text format (`run --metrics`).
+    Metrics {
+        reply: Reply<String>,
+    },
+    /// Switch the dataplane's kernel log records on or off.
+    KernelLog {
+        enabled: bool,
+        reply: Reply<LogView>,
     },
 }

@@ -1,8 +1,10 @@
 //! Reading the dataplane's global per-CPU counters.
 
+use std::borrow::Borrow;
+
 use aya::{
     Ebpf,
-    maps::{MapError, PerCpuArray},
+    maps::{Map, MapData, MapError, PerCpuArray},
 };
 use egress_common::{maps, stats::Counter};
 
@@ -22,6 +24,20 @@ pub fn read(ebpf: &Ebpf) -> Result<Vec<(Counter, &'static str, u64)>, CountersEr
     let map = ebpf.map(maps::STATS).ok_or(CountersError::Missing)?;
     let stats: PerCpuArray<_, u64> =
         PerCpuArray::try_from(map).map_err(|source| CountersError::Read { source })?;
+    sum(&stats)
+}
+
+/// Every counter of a stats map opened elsewhere (the pinned map, read
+/// by `egress-agent stats` while the agent is stopped).
+pub fn read_map(map: MapData) -> Result<Vec<(Counter, &'static str, u64)>, CountersError> {
+    let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(Map::PerCpuArray(map))
+        .map_err(|source| CountersError::Read { source })?;
+    sum(&stats)
+}
+
+fn sum<T: Borrow<MapData>>(
+    stats: &PerCpuArray<T, u64>,
+) -> Result<Vec<(Counter, &'static str, u64)>, CountersError> {
     Counter::ALL
         .iter()
         .map(|&(counter, name)| {

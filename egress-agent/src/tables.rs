@@ -30,10 +30,15 @@ use egress_common::{
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::policy::{
-    compile::{ActionSpec, Compiled},
-    model::PolicySet,
+use crate::{
+    policy::{
+        compile::{ActionSpec, Compiled},
+        model::PolicySet,
+    },
+    slot_names::SlotNames,
 };
+
+mod adopt;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TablesError {
@@ -76,6 +81,10 @@ pub enum TablesError {
         "more than {capacity} distinct egress addresses have been used; restart the agent to reclaim their counter slots"
     )]
     TooManyAddresses { capacity: u32 },
+    #[error(
+        "egress_pools.{pool}.interface: no interface {interface:?} in the agent's network namespace"
+    )]
+    NoSuchInterface { pool: String, interface: String },
     #[error("{map} holds {capacity} prefixes, {needed} were given")]
     TableFull {
         map: &'static str,
@@ -84,7 +93,7 @@ pub enum TablesError {
     },
 }
 
-fn take<T>(
+pub(crate) fn take<T>(
     ebpf: &mut Ebpf,
     name: &'static str,
     convert: impl FnOnce(aya::maps::Map) -> Result<T, MapError>,
@@ -251,11 +260,19 @@ pub struct Tables {
     identity_slots: u32,
     prefix_capacity: u32,
     shadow: [Shadow; GENERATIONS as usize],
+    /// The generation this agent last wrote and flipped to (its shadow is
+    /// complete).
     active: Option<u32>,
+    /// The generation the programs read: `active` once this agent has
+    /// flipped, before that the one an earlier agent left active (tables
+    /// taken over from pins), which must not be written.
+    live: u32,
     /// Counter slot per policy name, stable across reloads.
     slots: HashMap<String, u32>,
     active_policies: Vec<ActivePolicy>,
     last_flip: Option<Instant>,
+    /// Slot names for inspection (`EG_POLICY_NAMES`, `EG_ADDR_NAMES`).
+    names: SlotNames,
 }
 
 /// Packets classified against a generation finish within microseconds (TC
@@ -265,37 +282,70 @@ pub struct Tables {
 const GRACE: Duration = Duration::from_millis(20);
 
 impl Tables {
-    /// Take the policy maps out of a loaded object.
+    /// Take the policy maps out of a loaded object. Maps an earlier agent
+    /// left pinned are taken over: the generation its programs read stays
+    /// untouched until the first `apply` flips away from it, the prefixes
+    /// it left in the other generation are removed by that write, and
+    /// policies and egress addresses keep their counter slots.
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, TablesError> {
         let classes: Array<MapData, ClassRow> = take(ebpf, maps::CLASSES, Array::try_from)?;
         let identities: Array<MapData, u32> = take(ebpf, maps::ID_CLASS, Array::try_from)?;
         let src4: LpmTrie<MapData, GenPrefix4, u32> = take(ebpf, maps::SRC4, LpmTrie::try_from)?;
+        let dst4: LpmTrie<MapData, GenPrefix4, u32> = take(ebpf, maps::DST4, LpmTrie::try_from)?;
+        let src6: LpmTrie<MapData, GenPrefix6, u32> = take(ebpf, maps::SRC6, LpmTrie::try_from)?;
+        let dst6: LpmTrie<MapData, GenPrefix6, u32> = take(ebpf, maps::DST6, LpmTrie::try_from)?;
+        let settings = take(ebpf, maps::SETTINGS, Array::try_from)?;
+        let generation = take(ebpf, maps::GEN, Array::try_from)?;
         let prefix_capacity = capacity(src4.map(), maps::SRC4)?;
+        let (live, taken_over) = adopt::live_generation(&generation, &settings)?;
+        let mut shadow: [Shadow; GENERATIONS as usize] = Default::default();
+        let (mut slots, mut addr_slots) = (HashMap::new(), HashMap::new());
+        if taken_over {
+            adopt::read_tries(&mut shadow, (&src4, &dst4), (&src6, &dst6))?;
+            slots.extend(adopt::policy_slots(ebpf)?);
+            addr_slots.extend(adopt::addr_slots(ebpf)?);
+            log::info!(
+                "policy tables taken over from an earlier agent: generation {live} stays active until the first write; {} policy and {} egress-address counter slots kept",
+                slots.len(),
+                addr_slots.len()
+            );
+        }
+        // Until the first apply, the slots the earlier agent's policies
+        // count into (its established flows still do) are not handed out.
+        let active_policies = slots
+            .iter()
+            .map(|(name, &stats_slot)| ActivePolicy {
+                name: name.clone(),
+                stats_slot,
+            })
+            .collect();
         Ok(Self {
             classes_per_gen: classes.len() / GENERATIONS,
             identity_slots: identities.len() / GENERATIONS,
             prefix_capacity,
             src4,
-            dst4: take(ebpf, maps::DST4, LpmTrie::try_from)?,
-            src6: take(ebpf, maps::SRC6, LpmTrie::try_from)?,
-            dst6: take(ebpf, maps::DST6, LpmTrie::try_from)?,
+            dst4,
+            src6,
+            dst6,
             ports: take(ebpf, maps::PORTS, Array::try_from)?,
             identities,
             countries: take(ebpf, maps::GEO_CLASS, Array::try_from)?,
             classes,
             actions: take(ebpf, maps::ACTIONS, Array::try_from)?,
             pools: take(ebpf, maps::POOLS, Array::try_from)?,
-            settings: take(ebpf, maps::SETTINGS, Array::try_from)?,
-            generation: take(ebpf, maps::GEN, Array::try_from)?,
+            settings,
+            generation,
             policy_stats: take(ebpf, maps::POLICY_STATS, PerCpuArray::try_from)?,
             addr_stats: take(ebpf, maps::ADDR_STATS, PerCpuArray::try_from)?,
-            addr_slots: HashMap::new(),
+            addr_slots,
             down: HashSet::new(),
-            shadow: Default::default(),
+            shadow,
             active: None,
-            slots: HashMap::new(),
-            active_policies: Vec::new(),
+            live,
+            slots,
+            active_policies,
             last_flip: None,
+            names: SlotNames::new(ebpf)?,
         })
     }
 
@@ -414,7 +464,9 @@ impl Tables {
             });
         }
         // Both generations share a trie; the new one must fit beside the active one.
-        let active = self.active.map(|g| &self.shadow[g as usize]);
+        // The trie shadows of the live generation are complete even before
+        // the first apply (read back when taken over, empty when fresh).
+        let active = Some(&self.shadow[self.live as usize]);
         for (map, held, needed) in [
             (
                 maps::SRC4,
@@ -455,7 +507,9 @@ impl Tables {
         let in_use: HashSet<u32> = self.active_policies.iter().map(|p| p.stats_slot).collect();
         let mut taken = in_use.clone();
         taken.insert(DEFAULT_STATS_SLOT);
-        taken.extend(set.policies.iter().filter_map(|p| self.slots.get(&p.name)));
+        // Every remembered name keeps its slot to itself, so two names can
+        // never end up sharing one.
+        taken.extend(self.slots.values().copied());
         let cpus = aya::util::nr_cpus().map_err(|(_, source)| TablesError::Cpus { source })?;
         let mut next_free = 1..POLICY_STAT_SLOTS;
         let mut out = Vec::with_capacity(set.policies.len());
@@ -472,6 +526,7 @@ impl Tables {
                     self.policy_stats
                         .set(slot, zero, 0)
                         .map_err(write_err(maps::POLICY_STATS))?;
+                    self.names.set_policy(slot, &p.name)?;
                     self.slots.insert(p.name.clone(), slot);
                     slot
                 }
@@ -483,6 +538,9 @@ impl Tables {
             .union(&out.iter().copied().collect())
             .copied()
             .collect();
+        for (_, &slot) in self.slots.iter().filter(|(_, s)| !keep.contains(s)) {
+            self.names.set_policy(slot, "")?;
+        }
         self.slots.retain(|_, slot| keep.contains(slot));
         Ok(out)
     }
@@ -494,7 +552,7 @@ impl Tables {
         compiled: &Compiled,
     ) -> Result<ApplyReport, TablesError> {
         self.check_fits(compiled)?;
-        let generation = self.active.map_or(0, |g| 1 - g);
+        let generation = 1 - self.live;
         if let Some(flip) = self.last_flip {
             let since = flip.elapsed();
             if since < GRACE {
@@ -628,6 +686,7 @@ impl Tables {
             .set(0, generation, 0)
             .map_err(write_err(maps::GEN))?;
         self.active = Some(generation);
+        self.live = generation;
         self.last_flip = Some(Instant::now());
         self.active_policies = set
             .policies
@@ -647,13 +706,20 @@ impl Tables {
             return Ok(slot);
         }
         // Slots are never reused (a long-gone address keeps its counters),
-        // so they are handed out in order after slot 0.
-        let slot = u16::try_from(self.addr_slots.len() + 1)
+        // so they are handed out in order after slot 0 (and after the slots
+        // an earlier agent handed out, when taken over).
+        let next = self
+            .addr_slots
+            .values()
+            .max()
+            .map_or(1, |&s| usize::from(s) + 1);
+        let slot = u16::try_from(next)
             .ok()
             .filter(|&s| u32::from(s) < ADDR_STAT_SLOTS)
             .ok_or(TablesError::TooManyAddresses {
                 capacity: ADDR_STAT_SLOTS - 1,
             })?;
+        self.names.set_addr(slot, &label)?;
         self.addr_slots.insert(label, slot);
         Ok(slot)
     }
@@ -680,8 +746,8 @@ impl Tables {
         Ok(writes)
     }
 
-    /// The compiled pools with their addresses' counter slots and health
-    /// filled in.
+    /// The compiled pools with their addresses' counter slots, health and
+    /// uplink interface index filled in.
     fn pools_with_slots(
         &mut self,
         set: &PolicySet,
@@ -704,6 +770,18 @@ impl Tables {
             }
             pool.v4_up = up_bits(pool, &self.down);
         }
+        // Resolved at every apply, in the agent's namespace; pool 0, the
+        // default egress, names no interface.
+        for (pool, named) in out.iter_mut().skip(1).zip(&set.pools) {
+            if let Some(interface) = &named.interface {
+                pool.ifindex = nix::net::if_::if_nametoindex(interface.as_str()).map_err(|_| {
+                    TablesError::NoSuchInterface {
+                        pool: named.name.clone(),
+                        interface: interface.clone(),
+                    }
+                })?;
+            }
+        }
         Ok(out)
     }
 
@@ -723,6 +801,20 @@ impl Tables {
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
+    }
+
+    /// The counter slot of an egress address or IPv6 range (as
+    /// [`Tables::addr_stats`] labels it).
+    pub fn addr_slot_of(&self, label: &str) -> Option<u16> {
+        self.addr_slots.get(label).copied()
+    }
+
+    /// Class rows the active generation uses, and how many it can hold.
+    pub fn class_fill(&self) -> (usize, u32) {
+        let used = self
+            .active
+            .map_or(0, |g| self.shadow[g as usize].classes.len());
+        (used, self.classes_per_gen)
     }
 
     /// Per-policy counters summed over CPUs.

@@ -15,7 +15,7 @@ use std::{
 use egress_agent::{
     api::{self, ApiError, ApiLimits},
     client::{Client, ClientError},
-    control::{BatchReport, Command, ControlError, PolicyView, ReloadView},
+    control::{BatchReport, Command, ControlError, LogView, PolicyView, ReloadView},
     identity::{Origin, SessionView},
 };
 use hyper::{Method, body::Bytes};
@@ -44,6 +44,8 @@ fn answer(sessions: &mut BTreeMap<String, SessionView>, seen: &Seen, command: Co
         Command::Reload { .. } => "Reload",
         Command::Stats { .. } => "Stats",
         Command::GeoStats { .. } => "GeoStats",
+        Command::KernelLog { .. } => "KernelLog",
+        Command::Metrics { .. } => "Metrics",
     };
     seen.lock().unwrap().push(name);
     let unknown = |id: &str| ControlError::not_found(format!("no session {id:?}"));
@@ -135,6 +137,12 @@ fn answer(sessions: &mut BTreeMap<String, SessionView>, seen: &Seen, command: Co
         }
         Command::GeoStats { reply } => {
             let _ = reply.send(Ok(json!({"files": ["lab.csv"], "prefixes": {"ipv4": 12}})));
+        }
+        Command::KernelLog { enabled, reply } => {
+            let _ = reply.send(Ok(LogView { kernel: enabled }));
+        }
+        Command::Metrics { reply } => {
+            let _ = reply.send(Ok(format!("egress_sessions {}\n", sessions.len())));
         }
     }
 }
@@ -507,6 +515,26 @@ fn api_policies_reload_stats_pass_the_agent_answer_through() {
     let (status, geo) = fx.request(Method::GET, "/v1/stats/geo", None);
     assert_eq!((status, &geo["files"]), (200, &json!(["lab.csv"])));
     assert_eq!(fx.seen(), ["Policies", "Reload", "Stats", "GeoStats"]);
+}
+
+#[test]
+fn api_log_kernel_switch_reaches_the_agent_bad_body_400() {
+    let fx = Fixture::start("log");
+    let (status, reply) = fx.request(Method::POST, "/v1/log", Some(json!({"kernel": true})));
+    assert_eq!((status, reply), (200, json!({"kernel": true})));
+    let (status, reply) = fx.request(Method::POST, "/v1/log", Some(json!({"kernel": "yes"})));
+    assert_eq!(status, 400, "a non-boolean switch is refused: {reply}");
+    assert_eq!(reply["field"], "kernel", "{reply}");
+    let (status, reply) = fx.request(Method::POST, "/v1/log", Some(json!({"flows": true})));
+    assert_eq!(status, 400, "an unknown switch is refused: {reply}");
+    assert_eq!(
+        fx.seen(),
+        ["KernelLog"],
+        "only the valid request reached the agent"
+    );
+    let (ok, stdout, stderr) = cli(&fx, &["log", "kernel", "off"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout, "kernel log records: off\n");
 }
 
 #[test]

@@ -269,8 +269,12 @@ pub struct Pool {
     pub _reserved: [u8; 2],
     /// Bit `i` set: `v4[i]` is usable. Kept up to date by the agent.
     pub v4_up: u32,
+    /// Interface index of the uplink the pool's flows must leave from (the
+    /// packet is redirected there when routing chose another uplink); 0:
+    /// whichever uplink routing chose.
+    pub ifindex: u32,
 }
-const _: () = assert!(size_of::<Pool>() == 92);
+const _: () = assert!(size_of::<Pool>() == 96);
 #[cfg(feature = "user")]
 // SAFETY: repr(C), only integers, no implicit padding (size asserted above).
 unsafe impl aya::Pod for Pool {}

@@ -24,7 +24,7 @@ pub const CT_F_SYN: u16 = 1 << 5;
 
 /// Connection table value: how an outgoing flow is translated.
 ///
-/// `P` makes the tail padding explicit: `[u8; 4]` for IPv4, `[u8; 0]` for
+/// `P` makes the tail padding explicit: `[u8; 0]` for IPv4, `[u8; 4]` for
 /// IPv6 (a type, not a const generic, so family-generic kernel code can
 /// name it through an associated type).
 #[repr(C)]
@@ -58,13 +58,16 @@ pub struct CtEntry<A, P> {
     pub generation: u16,
     /// Identity id of the source when the flow was classified (0 = none).
     pub identity: u32,
+    /// Uplink every packet of the flow leaves from, copied from its pool
+    /// when the flow was created (0: whichever uplink routing chooses).
+    pub ifindex: u32,
     pub _reserved: P,
 }
 
-pub type CtEntry4 = CtEntry<Addr4, [u8; 4]>;
-pub type CtEntry6 = CtEntry<Addr6, [u8; 0]>;
+pub type CtEntry4 = CtEntry<Addr4, [u8; 0]>;
+pub type CtEntry6 = CtEntry<Addr6, [u8; 4]>;
 const _: () = assert!(size_of::<CtEntry4>() == 64);
-const _: () = assert!(size_of::<CtEntry6>() == 72);
+const _: () = assert!(size_of::<CtEntry6>() == 80);
 #[cfg(feature = "user")]
 // SAFETY: repr(C), only integers, padding explicit (sizes asserted above).
 unsafe impl aya::Pod for CtEntry4 {}
@@ -158,10 +161,10 @@ pub struct Scratch<A, PC, PR> {
     pub rev_key: crate::flow::Tuple<A>,
 }
 
-pub type Scratch4 = Scratch<Addr4, [u8; 4], [u8; 2]>;
-pub type Scratch6 = Scratch<Addr6, [u8; 0], [u8; 6]>;
+pub type Scratch4 = Scratch<Addr4, [u8; 0], [u8; 2]>;
+pub type Scratch6 = Scratch<Addr6, [u8; 4], [u8; 6]>;
 const _: () = assert!(size_of::<Scratch4>() == 64 + 40 + 16);
-const _: () = assert!(size_of::<Scratch6>() == 72 + 56 + 40);
+const _: () = assert!(size_of::<Scratch6>() == 80 + 56 + 40);
 #[cfg(feature = "user")]
 // SAFETY: repr(C) of Pod parts, no implicit padding (sizes asserted above).
 unsafe impl aya::Pod for Scratch4 {}

@@ -71,11 +71,23 @@ pub const STATS: &str = "EG_STATS";
 pub const POLICY_STATS: &str = "EG_POLICY_STATS";
 /// Per-CPU per-egress-address counters, indexed by an address's slot.
 pub const ADDR_STATS: &str = "EG_ADDR_STATS";
+/// Counter slot -> name of the policy counting there (NUL-padded
+/// [`crate::stats::PolicyName`]). Written by the agent, never read by the
+/// programs: it lets `egress-agent flows|policies` name slots while the
+/// agent is stopped.
+pub const POLICY_NAMES: &str = "EG_POLICY_NAMES";
+/// Egress-address counter slot -> the address or IPv6 range it counts
+/// ([`crate::stats::AddrName`]); agent-written, like [`POLICY_NAMES`].
+pub const ADDR_NAMES: &str = "EG_ADDR_NAMES";
 /// Per-CPU scratch space for building a new flow's IPv4 entry (the BPF
 /// stack is too small to hold it beside everything else).
 pub const SCRATCH4: &str = "EG_SCRATCH4";
 /// Per-CPU scratch space for a new IPv6 flow's entry.
 pub const SCRATCH6: &str = "EG_SCRATCH6";
+/// Flow events for the flow log (ring buffer of `crate::events::FlowEvent`).
+pub const EVENTS: &str = "EG_EVENTS";
+/// Runtime switches (`crate::events::CONFIG_*`), written by the agent.
+pub const CONFIG: &str = "EG_CONFIG";
 
 /// Every map the object must define; a packet test checks the object against it.
 pub const ALL: &[&str] = &[
@@ -110,8 +122,12 @@ pub const ALL: &[&str] = &[
     STATS,
     POLICY_STATS,
     ADDR_STATS,
+    POLICY_NAMES,
+    ADDR_NAMES,
     SCRATCH4,
     SCRATCH6,
+    EVENTS,
+    CONFIG,
 ];
 
 /// TC egress program on the uplink: classify new flows, translate the source.
@@ -131,3 +147,7 @@ pub const DEFAULT_IDENTITY_PREFIXES: u32 = 262_144;
 pub const MAX_FRAG_DATAGRAMS: u32 = 16384;
 /// Capacity of the gateway-address table.
 pub const MAX_LOCAL_ADDRS: u32 = 1024;
+/// Size of the flow-event ring buffer: about 9 000 events of 112 bytes (plus
+/// an 8-byte header each) waiting for the agent before new ones are lost
+/// (and counted).
+pub const EVENTS_BYTES: u32 = 1 << 20;

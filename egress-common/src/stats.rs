@@ -55,11 +55,19 @@ pub enum Counter {
     DropRewrite,
     /// Dropped: the classifier tables of the active generation are missing.
     DropNoTables,
+    /// Outgoing packets redirected to the uplink their pool names (routing
+    /// had chosen another). Each also passes that uplink's egress program,
+    /// so it is counted in `EgressPackets` twice. Last, so that adding it
+    /// kept the other slots' numbers.
+    Redirected,
+    /// Flow events lost: the ring buffer was full (the agent's flow log
+    /// reads slower than flows come and go). Traffic is not affected.
+    FlowLogLost,
 }
 
 impl Counter {
     /// Number of counter slots (size of the stats map).
-    pub const COUNT: u32 = Counter::DropNoTables as u32 + 1;
+    pub const COUNT: u32 = Counter::FlowLogLost as u32 + 1;
 
     /// Every counter in slot order with its stable, exported name.
     pub const ALL: &[(Counter, &'static str)] = &[
@@ -86,6 +94,8 @@ impl Counter {
         (Counter::DropNoEgress, "drop_no_egress"),
         (Counter::DropRewrite, "drop_rewrite"),
         (Counter::DropNoTables, "drop_no_tables"),
+        (Counter::Redirected, "redirected"),
+        (Counter::FlowLogLost, "flow_log_lost"),
     ];
 }
 const _: () = assert!(Counter::ALL.len() == Counter::COUNT as usize);
@@ -161,6 +171,13 @@ pub const DEFAULT_STATS_SLOT: u32 = 0;
 
 /// Egress-address counter slots (per-CPU array size).
 pub const ADDR_STAT_SLOTS: u32 = 4096;
+
+/// A policy's name as [`crate::maps::POLICY_NAMES`] holds it: UTF-8,
+/// NUL-padded, cut at a character boundary when longer.
+pub type PolicyName = [u8; 64];
+/// An egress address or IPv6 range as [`crate::maps::ADDR_NAMES`] holds it
+/// (the longest, an IPv6 range, takes 43 bytes).
+pub type AddrName = [u8; 48];
 
 /// Per egress address (an IPv4 address or an IPv6 range), per CPU.
 #[repr(C)]

@@ -21,6 +21,7 @@ use aya_ebpf::{
 use egress_common::{
     classify::{GEN_PREFIX_BITS, GenPrefix4, GenPrefix6, IdentityRef, Pool, mix64},
     conntrack::{CtEntry, FragEntry, FragKey, RevEntry, Scratch},
+    events::EventAddr,
     flow::{Addr4, Addr6, Tuple},
     geo,
 };
@@ -50,7 +51,7 @@ pub struct Csums {
 }
 
 pub trait Family: Sized + 'static {
-    type Addr: Copy + PartialEq + Default;
+    type Addr: Copy + PartialEq + Default + EventAddr;
     type CtPad: Copy + Default;
     type RevPad: Copy + Default;
     /// Whether this family's ICMP checksum covers the pseudo-header.
@@ -111,7 +112,7 @@ fn helper<T>(r: Result<T, i64>) -> Result<T, Error> {
 
 impl Family for Ipv4 {
     type Addr = Addr4;
-    type CtPad = [u8; 4];
+    type CtPad = [u8; 0];
     type RevPad = [u8; 2];
     const ICMP_PSEUDO: bool = false;
     const SRC: usize = 12;
@@ -129,7 +130,7 @@ impl Family for Ipv4 {
         parse::ipv4(ctx, l3, direction, out)
     }
 
-    fn ct() -> &'static HashMap<Tuple<Addr4>, CtEntry<Addr4, [u8; 4]>> {
+    fn ct() -> &'static HashMap<Tuple<Addr4>, CtEntry<Addr4, [u8; 0]>> {
         &EG_CT4
     }
     fn rev() -> &'static HashMap<Tuple<Addr4>, RevEntry<Addr4, [u8; 2]>> {
@@ -139,7 +140,7 @@ impl Family for Ipv4 {
         &EG_FRAG4
     }
     #[inline(always)]
-    fn scratch() -> Option<*mut Scratch<Addr4, [u8; 4], [u8; 2]>> {
+    fn scratch() -> Option<*mut Scratch<Addr4, [u8; 0], [u8; 2]>> {
         EG_SCRATCH4.get_ptr_mut(0)
     }
     #[inline(always)]
@@ -234,7 +235,7 @@ impl Family for Ipv4 {
 
 impl Family for Ipv6 {
     type Addr = Addr6;
-    type CtPad = [u8; 0];
+    type CtPad = [u8; 4];
     type RevPad = [u8; 6];
     const ICMP_PSEUDO: bool = true;
     const SRC: usize = 8;
@@ -252,7 +253,7 @@ impl Family for Ipv6 {
         parse::ipv6(ctx, l3, direction, out)
     }
 
-    fn ct() -> &'static HashMap<Tuple<Addr6>, CtEntry<Addr6, [u8; 0]>> {
+    fn ct() -> &'static HashMap<Tuple<Addr6>, CtEntry<Addr6, [u8; 4]>> {
         &EG_CT6
     }
     fn rev() -> &'static HashMap<Tuple<Addr6>, RevEntry<Addr6, [u8; 6]>> {
@@ -262,7 +263,7 @@ impl Family for Ipv6 {
         &EG_FRAG6
     }
     #[inline(always)]
-    fn scratch() -> Option<*mut Scratch<Addr6, [u8; 0], [u8; 6]>> {
+    fn scratch() -> Option<*mut Scratch<Addr6, [u8; 4], [u8; 6]>> {
         EG_SCRATCH6.get_ptr_mut(0)
     }
     #[inline(always)]

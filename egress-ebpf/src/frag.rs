@@ -16,6 +16,7 @@ use egress_common::{
 use crate::{
     error::Error,
     family::{Csums, Family, outer},
+    klog,
     nat::{PASS, failed, ip_csum, not_ours},
     parse::{L3_OFF, Packet},
     stats::count,
@@ -51,7 +52,7 @@ pub fn record<F: Family>(direction: u8, tuple: &Tuple<F::Addr>, id: u32, addr: &
 /// the verdict, see nat.rs).
 #[inline(never)]
 pub fn egress_later<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> i32 {
-    egress(ctx, pkt, pkt.frag_id).unwrap_or_else(Error::egress_action)
+    egress(ctx, pkt, pkt.frag_id).unwrap_or_else(|err| klog::egress_drop(ctx, err))
 }
 
 #[inline(always)]

@@ -19,6 +19,7 @@ use egress_common::{conntrack::CT_F_PASS, flow::proto, stats::Counter};
 use crate::{
     error::Error,
     family::{Csums, Family, outer},
+    klog,
     nat::{PASS, failed, ip_csum, not_ours},
     parse::{self, Direction, L3_OFF, Packet, l4_csum_at},
     stats::count,
@@ -218,7 +219,7 @@ fn ingress<F: Family>(ctx: &TcContext, pkt: &Packet<F>, inner_l3: usize) -> Resu
 /// before we translated it back.
 #[inline(never)]
 pub fn egress_error<F: Family>(ctx: &TcContext, pkt: &Packet<F>) -> i32 {
-    egress(ctx, pkt, usize::from(pkt.inner)).unwrap_or_else(Error::egress_action)
+    egress(ctx, pkt, usize::from(pkt.inner)).unwrap_or_else(|err| klog::egress_drop(ctx, err))
 }
 
 #[inline(always)]

@@ -6,12 +6,15 @@
 
 mod classify;
 mod error;
+mod events;
 mod family;
 mod frag;
 mod icmp;
+mod klog;
 mod maps;
 mod nat;
 mod parse;
+mod redirect;
 mod stats;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};

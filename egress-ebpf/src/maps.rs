@@ -5,7 +5,7 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use egress_common::{
     classify::{
@@ -15,6 +15,7 @@ use egress_common::{
     conntrack::{
         CtEntry4, CtEntry6, FragEntry, FragKey4, FragKey6, RevEntry4, RevEntry6, Scratch4, Scratch6,
     },
+    events::CONFIG_SLOTS,
     flow::{Addr4, Addr6, Tuple4, Tuple6},
     geo::{
         BLOCK_WORDS_PER_GEN, Bucket6, DEFAULT_SPLIT_BLOCKS, DEFAULT_V6_RANGES, GEN_SLOTS, Range6,
@@ -22,9 +23,11 @@ use egress_common::{
     },
     maps::{
         DEFAULT_CLASSES_PER_GEN, DEFAULT_IDENTITY_PREFIXES, DEFAULT_MAX_FLOWS, DEFAULT_PREFIXES,
-        MAX_FRAG_DATAGRAMS, MAX_LOCAL_ADDRS,
+        EVENTS_BYTES, MAX_FRAG_DATAGRAMS, MAX_LOCAL_ADDRS,
     },
-    stats::{ADDR_STAT_SLOTS, AddrStats, Counter, POLICY_STAT_SLOTS, PolicyStats},
+    stats::{
+        ADDR_STAT_SLOTS, AddrName, AddrStats, Counter, POLICY_STAT_SLOTS, PolicyName, PolicyStats,
+    },
 };
 
 #[map]
@@ -136,8 +139,22 @@ pub static EG_POLICY_STATS: PerCpuArray<PolicyStats> =
 pub static EG_ADDR_STATS: PerCpuArray<AddrStats> =
     PerCpuArray::with_max_entries(ADDR_STAT_SLOTS, 0);
 
+// Names of the counter slots, for inspection while the agent is stopped.
+// The programs never read them.
+#[map]
+pub static EG_POLICY_NAMES: Array<PolicyName> = Array::with_max_entries(POLICY_STAT_SLOTS, 0);
+
+#[map]
+pub static EG_ADDR_NAMES: Array<AddrName> = Array::with_max_entries(ADDR_STAT_SLOTS, 0);
+
 #[map]
 pub static EG_SCRATCH4: PerCpuArray<Scratch4> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static EG_SCRATCH6: PerCpuArray<Scratch6> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static EG_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+#[map]
+pub static EG_CONFIG: Array<u32> = Array::with_max_entries(CONFIG_SLOTS, 0);

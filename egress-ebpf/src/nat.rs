@@ -24,6 +24,7 @@ use egress_common::{
         CT_F_FIN, CT_F_LOCAL, CT_F_MARK, CT_F_PASS, CT_F_RST, CT_F_SYN, CtEntry, FRAG_EGRESS,
         FRAG_INGRESS, RevEntry, Scratch,
     },
+    events::{EVENT_FAILED, EVENT_NEW, REASON_PORT_EXHAUSTED, REASON_TRANSLATED, closed},
     flow::Tuple,
     stats::{Counter, DEFAULT_STATS_SLOT, Side},
 };
@@ -31,9 +32,11 @@ use egress_common::{
 use crate::{
     classify::{Generation, classify},
     error::Error,
+    events::{self, code},
     family::{Csums, Family, Ipv4, Ipv6, outer},
-    frag, icmp,
+    frag, icmp, klog,
     parse::{self, Direction, Frag, Frame, L3_OFF, L4, Packet, TCP_FIN, TCP_RST, TCP_SYN},
+    redirect,
     stats::{count, count_exhausted, count_flow_packet},
 };
 
@@ -107,7 +110,7 @@ pub fn egress(ctx: &TcContext) -> Result<i32, Error> {
 // turns its own error into a verdict (through error.rs) and returns that.
 #[inline(always)]
 fn egress_packet<F: Family>(ctx: &TcContext) -> i32 {
-    egress_flow::<F>(ctx).unwrap_or_else(Error::egress_action)
+    egress_flow::<F>(ctx).unwrap_or_else(|err| klog::egress_drop(ctx, err))
 }
 
 #[inline(always)]
@@ -126,9 +129,10 @@ fn egress_flow<F: Family>(ctx: &TcContext) -> Result<i32, Error> {
         Some(entry) => {
             // SAFETY: a hash map value stays valid for the program's run
             // (RCU); concurrent writers only bump counters and timestamps.
-            let left_as = established(ctx, pkt, unsafe { &mut *entry }, now)?;
+            let entry = unsafe { &mut *entry };
+            let left_as = established(ctx, pkt, entry, now)?;
             record_first_fragment(FRAG_EGRESS, pkt, left_as);
-            Ok(PASS)
+            Ok(redirect::leave(ctx, entry.ifindex))
         }
         None => Ok(new_flow(ctx, pkt, now)),
     }
@@ -155,7 +159,13 @@ fn established<F: Family>(
     entry.last_seen_ns = now;
     entry.packets += 1;
     entry.bytes += u64::from(pkt.len);
-    entry.flags |= tcp_bits(pkt);
+    let bits = tcp_bits(pkt);
+    // The flow's first FIN or RST: its end, for the flow log.
+    let closing = closed(bits) && !closed(entry.flags);
+    entry.flags |= bits;
+    if closing {
+        events::closing_out::<F>(&pkt.tuple, entry, bits);
+    }
     let (nat_addr, nat_port, flags, mark) =
         (entry.nat_addr, entry.nat_port_be, entry.flags, entry.mark);
     count_flow_packet(entry.stats_slot, entry.addr_slot, Side::Out, pkt.len, false);
@@ -182,7 +192,7 @@ fn flow_hash<F: Family>(tuple: &Tuple<F::Addr>) -> u64 {
 /// Slow path: the first packet of a flow.
 #[inline(never)]
 fn new_flow<F: Family>(ctx: &TcContext, pkt: &Packet<F>, now: u64) -> i32 {
-    first_packet(ctx, pkt, now).unwrap_or_else(Error::egress_action)
+    first_packet(ctx, pkt, now).unwrap_or_else(|err| klog::egress_drop(ctx, err))
 }
 
 #[inline(always)]
@@ -193,6 +203,12 @@ fn first_packet<F: Family>(ctx: &TcContext, pkt: &Packet<F>, now: u64) -> Result
     // steer: left untouched, and not tracked.
     if F::link_scoped(&pkt.tuple) {
         count(Counter::PassLinkScoped);
+        return Ok(PASS);
+    }
+    // Translated and redirected here by another uplink's run: its tuple is
+    // a translated one, so it misses the connection table.
+    if redirect::marked(ctx) && F::rev().get_ptr(&pkt.tuple).is_some() {
+        redirect::unmark(ctx);
         return Ok(PASS);
     }
     count(Counter::FlowsNew);
@@ -266,7 +282,10 @@ fn first_packet<F: Family>(ctx: &TcContext, pkt: &Packet<F>, now: u64) -> Result
             let hash = flow_hash::<F>(&pkt.tuple);
             let pool = generation.pool(action.pool)?;
             entry.addr_slot = match F::pick(pool, hash, key, &mut entry.nat_addr) {
-                Some(slot) => slot,
+                Some(slot) => {
+                    entry.ifindex = pool.ifindex;
+                    slot
+                }
                 None if pool.when_down == POOL_DOWN_DEFAULT => {
                     entry.pool = DEFAULT_POOL as u16;
                     F::pick(
@@ -284,7 +303,7 @@ fn first_packet<F: Family>(ctx: &TcContext, pkt: &Packet<F>, now: u64) -> Result
         _ => return Err(Error::NoTables),
     }
     record_first_fragment(FRAG_EGRESS, pkt, scratch.ct.nat_addr);
-    Ok(PASS)
+    Ok(redirect::leave(ctx, scratch.ct.ifindex))
 }
 
 /// Claim a translated tuple for a new flow (`scratch.ct.nat_addr` chosen),
@@ -302,7 +321,16 @@ fn translate<F: Family>(
         count(Counter::FlowsTranslated);
         return rewrite_source(ctx, pkt, scratch.ct.nat_addr, scratch.ct.nat_port_be);
     }
-    claim_port(pkt, scratch, settings, now)?;
+    if let Err(err) = claim_port(pkt, scratch, settings, now) {
+        if matches!(err, Error::PortExhausted) {
+            events::report::<F>(
+                code(EVENT_FAILED, REASON_PORT_EXHAUSTED),
+                &pkt.tuple,
+                &scratch.ct,
+            );
+        }
+        return Err(err);
+    }
     let entry = &mut scratch.ct;
     entry.nat_port_be = scratch.rev_key.sport_be;
     if let Err(err) = F::ct().insert(&pkt.tuple, &*entry, u64::from(BPF_NOEXIST)) {
@@ -321,6 +349,7 @@ fn translate<F: Family>(
     }
     count(Counter::FlowsTranslated);
     count_flow_packet(entry.stats_slot, entry.addr_slot, Side::Out, pkt.len, true);
+    events::report::<F>(code(EVENT_NEW, REASON_TRANSLATED), &pkt.tuple, entry);
     rewrite_source(ctx, pkt, entry.nat_addr, entry.nat_port_be)?;
     if bench_mode() == 2 {
         let _ = F::ct().remove(&pkt.tuple);
@@ -443,7 +472,12 @@ fn ingress_flow<F: Family>(ctx: &TcContext) -> Result<i32, Error> {
     rev.last_seen_ns = now();
     rev.packets += 1;
     rev.bytes += u64::from(pkt.len);
-    rev.flags |= tcp_bits(pkt);
+    let bits = tcp_bits(pkt);
+    let closing = closed(bits) && !closed(rev.flags);
+    rev.flags |= bits;
+    if closing {
+        events::closing_in::<F>(&pkt.tuple, rev, bits);
+    }
     let (orig_addr, orig_port) = (rev.orig_addr, rev.orig_port_be);
     count_flow_packet(rev.stats_slot, rev.addr_slot, Side::In, pkt.len, false);
     rewrite(ctx, pkt, Direction::Ingress, &orig_addr, orig_port)?;
@@ -525,13 +559,16 @@ pub fn ip_csum<F: Family>(l3: usize) -> usize {
 }
 
 /// A rewrite helper failed: rare enough (it means the skb could not be made
-/// writable) to be worth a log line next to the drop counter.
+/// writable) to be worth a log line next to the drop counter, when the
+/// agent switched kernel log records on.
 ///
 /// Inlined: as its own BPF function it would add a stack frame to chains
 /// already near the 512-byte limit; and not `#[cold]`, which would move it
 /// to `.text.unlikely.`, whose calls from `.text` aya 0.14 mis-relocates.
 #[inline(always)]
 pub fn failed(ctx: &TcContext, err: Error) -> Error {
-    error!(ctx, "packet rewrite helper failed");
+    if events::klog_on() {
+        error!(ctx, "packet rewrite helper failed");
+    }
     err
 }

@@ -18,6 +18,7 @@ use nix::{
 use crate::{
     lab::{Lab, UPLINK},
     netns::NetNs,
+    pins::PinPath,
     tempdir::TempDir,
 };
 
@@ -44,6 +45,9 @@ pub struct Agent {
     /// agents of different tests never share one), unless the caller chose.
     api: PathBuf,
     _api_dir: Option<TempDir>,
+    /// Its pin directory, unless the caller chose one: removed after the
+    /// agent stops (so nothing it pinned stays attached).
+    _pins: Option<PinPath>,
 }
 
 /// Log line the agent prints once it is attached and steering.
@@ -74,8 +78,27 @@ impl Agent {
             None => (PathBuf::new(), None),
         };
         let api_arg = api.to_str().context("API path is not UTF-8")?.to_owned();
+        // The agent's state (sessions added through the API) beside it.
+        let state_arg = api_dir
+            .as_ref()
+            .map(|d| d.path().join("state").to_string_lossy().into_owned());
         if api_dir.is_some() {
             args.extend(["--api", api_arg.as_str()]);
+        }
+        // A pin path of its own, on the lab's BPF filesystem (the default
+        // /sys/fs/bpf is hidden by `ip netns exec`).
+        let pins = match args.first() {
+            Some(&"run") if !args.contains(&"--pin-path") => Some(PinPath::new()?),
+            _ => None,
+        };
+        let pin_arg = pins.as_ref().map(|p| p.arg().to_owned());
+        if let Some(pin) = &pin_arg {
+            args.extend(["--pin-path", pin.as_str()]);
+        }
+        if let Some(state) = &state_arg
+            && !args.contains(&"--state-dir")
+        {
+            args.extend(["--state-dir", state.as_str()]);
         }
         if !bin.is_file() {
             bail!(
@@ -119,6 +142,7 @@ impl Agent {
             output,
             api,
             _api_dir: api_dir,
+            _pins: pins,
         })
     }
 

@@ -13,12 +13,18 @@
 //!                                         eth0 2001:db8:ff::254
 //!                                                         eth1 10.254.0.1 -- eth0 10.254.0.2   lo 192.0.2.200
 //!                                                              fd00:254::1     fd00:254::2        2001:db8:f::10
+//!                                     up1 198.51.100.193 -- eth2 198.51.100.254      (second uplink, optional)
+//!                                         198.51.100.201
 //! ```
 //!
 //! The pool range 2001:db8:e0::/64 is routed by the internet side to the
 //! gateway (as a provider routes a customer's prefix). The far namespace sits
 //! behind a link with a small MTU, one more router hop away: where path-MTU
-//! and TTL-exceeded errors come from.
+//! and TTL-exceeded errors come from. The second uplink is a second provider:
+//! its link (198.51.100.192/26, which holds no server) carries the egress
+//! address 198.51.100.201, so the internet side sends that address's replies
+//! back over it; the gateway keeps routing through up0 and has a second,
+//! less preferred default route via up1 for redirected flows.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -66,8 +72,18 @@ pub fn servers() -> Vec<std::net::IpAddr> {
         .collect()
 }
 
+/// The second uplink ([`Lab::with_second_uplink`]): the gateway's address
+/// on it, the second provider's router, and an egress address of that
+/// provider.
+pub const GW_UPLINK2: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 193);
+pub const PROVIDER2_ROUTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 254);
+pub const PROVIDER2_EGRESS: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 201);
+
 /// Interface names inside the namespaces.
 pub const UPLINK: &str = "up0";
+/// The gateway's second uplink, and its peer in the internet namespace.
+pub const UPLINK2: &str = "up1";
+pub const PROVIDER2_LINK: &str = "eth2";
 pub const LAN: &str = "lan0";
 
 pub struct Lab {
@@ -176,6 +192,52 @@ impl Lab {
         sysctl(inet, "net.ipv4.ip_forward", "1")?;
         sysctl(inet, "net.ipv6.conf.all.forwarding", "1")?;
         lab.far = Some(far);
+        Ok(lab)
+    }
+
+    /// [`Lab::new`] plus a second uplink `up1` towards a second provider
+    /// (the internet namespace's `eth2`). Routing on the gateway still sends
+    /// everything through up0; up1 has a default route with a higher metric,
+    /// which is what a lookup restricted to up1 (a redirect) finds, and
+    /// loose reverse-path filtering, since replies to up1's addresses arrive
+    /// there from sources the main route sends through up0.
+    pub fn with_second_uplink(extra_clients: u8) -> anyhow::Result<Self> {
+        let lab = Self::new(extra_clients)?;
+        let (gw, inet) = (&lab.gw, &lab.inet);
+        crate::netns::sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                UPLINK2,
+                "netns",
+                gw.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                PROVIDER2_LINK,
+                "netns",
+                inet.name(),
+            ],
+        )?;
+        gw.ip(&["addr", "add", "198.51.100.193/26", "dev", UPLINK2])?;
+        gw.ip(&["addr", "add", "198.51.100.201/32", "dev", UPLINK2])?;
+        gw.ip(&["link", "set", UPLINK2, "up"])?;
+        gw.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "198.51.100.254",
+            "dev",
+            UPLINK2,
+            "metric",
+            "100",
+        ])?;
+        sysctl(gw, &format!("net.ipv4.conf.{UPLINK2}.rp_filter"), "2")?;
+        inet.ip(&["addr", "add", "198.51.100.254/26", "dev", PROVIDER2_LINK])?;
+        inet.ip(&["link", "set", PROVIDER2_LINK, "up"])?;
         Ok(lab)
     }
 

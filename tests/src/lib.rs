@@ -7,8 +7,10 @@ pub mod agent;
 pub mod geodb;
 pub mod lab;
 pub mod netns;
+pub mod pins;
 pub mod probe;
 pub mod tempdir;
+pub mod traffic;
 
 #[cfg(test)]
 mod tests;

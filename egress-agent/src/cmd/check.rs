@@ -79,7 +79,11 @@ pub fn summary(set: &PolicySet, compiled: &policy::Compiled) -> String {
             WhenDown::Drop => "drop new flows",
             WhenDown::Default => "use the default egress",
         };
-        let _ = writeln!(out, ", {mode}; when every address is down: {down}");
+        let _ = write!(out, ", {mode}; when every address is down: {down}");
+        if let Some(interface) = &pool.interface {
+            let _ = write!(out, "; leaves from uplink {interface}");
+        }
+        let _ = writeln!(out);
     }
     let _ = writeln!(
         out,

@@ -1,8 +1,12 @@
 //! One module per subcommand.
 
 mod check;
+mod down;
 mod explain;
+mod flows;
 mod import;
+mod log;
+mod maps;
 mod policies;
 mod posture;
 mod reload;
@@ -17,6 +21,7 @@ impl Command {
     pub async fn execute(self) -> anyhow::Result<()> {
         match self {
             Command::Run(args) => run::run(args).await,
+            Command::Down(args) => down::down(&args),
             Command::Check(args) => check::check(&args),
             Command::Explain(args) => explain::explain(&args),
             Command::Import(ImportCommand::GatewayRules(args)) => import::gateway_rules(&args),
@@ -24,7 +29,10 @@ impl Command {
             Command::Posture(args) => posture::posture(args).await,
             Command::Policies(args) => policies::policies(args).await,
             Command::Reload(args) => reload::reload(args).await,
+            Command::Log(args) => log::log(args).await,
             Command::Stats(args) => stats::stats(args).await,
+            Command::Flows(args) => flows::flows(args).await,
+            Command::Maps(args) => maps::maps(&args),
         }
     }
 }

@@ -1,23 +1,44 @@
 //! `egress-agent stats [geo]`: the running agent's counters and country
-//! databases, as indented `key: value` lines or JSON.
+//! databases, as indented `key: value` lines or JSON; the counters of the
+//! pinned maps when the agent is not answering.
 
 use std::fmt::Write as _;
 
+use anyhow::Context as _;
 use hyper::Method;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::{
     cli::{StatsArgs, StatsCommand},
-    client::Client,
+    client::{Client, ClientError},
+    inspect::{InspectError, Pinned},
 };
 
 pub async fn stats(args: StatsArgs) -> anyhow::Result<()> {
-    let StatsArgs { api, json, command } = args;
+    let StatsArgs {
+        api,
+        pin,
+        json,
+        command,
+    } = args;
     let uri = match command {
         None => "/v1/stats",
         Some(StatsCommand::Geo) => "/v1/stats/geo",
     };
-    let reply = Client::new(api.api).call(Method::GET, uri, None).await?;
+    let reply = match Client::new(api.api).call(Method::GET, uri, None).await {
+        Ok(reply) => reply,
+        // A stopped agent (--keep-dataplane) left its maps pinned.
+        Err(err @ ClientError::Connect { .. }) if command.is_none() => {
+            let reply = pinned(&Pinned::new(&pin.pin_path))
+                .with_context(|| format!("{err}, and the pinned maps cannot be read"))?;
+            eprintln!(
+                "egress-agent: {err}; showing the counters of the maps pinned under {}",
+                pin.pin_path.display()
+            );
+            reply
+        }
+        Err(err) => return Err(err.into()),
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&reply)?);
     } else {
@@ -26,6 +47,41 @@ pub async fn stats(args: StatsArgs) -> anyhow::Result<()> {
         print!("{out}");
     }
     Ok(())
+}
+
+/// The counters of the pinned maps, shaped as the agent's `/v1/stats`
+/// (without what only the agent knows: sessions, identities, policies).
+fn pinned(pinned: &Pinned) -> Result<Value, InspectError> {
+    let counters: serde_json::Map<String, Value> = pinned
+        .counters()?
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value.into()))
+        .collect();
+    let addresses: Vec<Value> = pinned
+        .addresses()?
+        .into_iter()
+        .map(|a| {
+            let t = a.stats.traffic;
+            json!({
+                "address": a.name,
+                "flows": a.stats.flows,
+                "exhausted": a.stats.exhausted,
+                "traffic": {
+                    "packets_out": t.packets_out,
+                    "bytes_out": t.bytes_out,
+                    "packets_in": t.packets_in,
+                    "bytes_in": t.bytes_in,
+                },
+            })
+        })
+        .collect();
+    let census = pinned.census()?;
+    Ok(json!({
+        "counters": counters,
+        "egress_addresses": addresses,
+        "active_flows": census.flows4 + census.flows6,
+        "pin_path": pinned.root(),
+    }))
 }
 
 /// Objects and lists as indented `key: value` lines (list items keyed by

@@ -15,7 +15,7 @@ use ipnet::IpNet;
 use super::registry::Change;
 use crate::{
     policy::{PolicySet, compile::identity_rows},
-    tables::{Tables, TablesError},
+    tables::{Tables, TablesError, take},
 };
 
 /// The identity maps, taken out of the loaded object.
@@ -35,17 +35,6 @@ pub struct Written {
     pub removed: usize,
 }
 
-fn take<T>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    convert: impl FnOnce(aya::maps::Map) -> Result<T, MapError>,
-) -> Result<T, TablesError> {
-    let map = ebpf
-        .take_map(name)
-        .ok_or(TablesError::MissingMap { name })?;
-    convert(map).map_err(|source| TablesError::MapType { name, source })
-}
-
 fn written(name: &'static str, result: Result<(), MapError>) -> Result<(), TablesError> {
     match result {
         // Removing what is already gone is what was wanted.
@@ -55,13 +44,40 @@ fn written(name: &'static str, result: Result<(), MapError>) -> Result<(), Table
 }
 
 impl IdentityTries {
+    /// Take the maps and empty them. Maps adopted from a previous run hold
+    /// that run's identity ids, which mean nothing to this one: until the
+    /// sessions are written again a source is better anonymous (it matches
+    /// only policies without identity conditions) than taken for someone
+    /// else.
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, TablesError> {
-        Ok(Self {
+        let mut tries = Self {
             v4: take(ebpf, maps::ID4, LpmTrie::try_from)?,
             v6: take(ebpf, maps::ID6, LpmTrie::try_from)?,
             host4: take(ebpf, maps::ID4_HOST, HashMap::try_from)?,
             host6: take(ebpf, maps::ID6_HOST, HashMap::try_from)?,
-        })
+        };
+        tries.clear()?;
+        Ok(tries)
+    }
+
+    fn clear(&mut self) -> Result<(), TablesError> {
+        let v4: Vec<_> = self.v4.keys().filter_map(Result::ok).collect();
+        for key in v4 {
+            written(maps::ID4, self.v4.remove(&key))?;
+        }
+        let v6: Vec<_> = self.v6.keys().filter_map(Result::ok).collect();
+        for key in v6 {
+            written(maps::ID6, self.v6.remove(&key))?;
+        }
+        let host4: Vec<_> = self.host4.keys().filter_map(Result::ok).collect();
+        for key in host4 {
+            written(maps::ID4_HOST, self.host4.remove(&key))?;
+        }
+        let host6: Vec<_> = self.host6.keys().filter_map(Result::ok).collect();
+        for key in host6 {
+            written(maps::ID6_HOST, self.host6.remove(&key))?;
+        }
+        Ok(())
     }
 
     /// Write (`Some`) or remove (`None`) the entry of `net`.
@@ -126,6 +142,17 @@ impl IdentityTries {
             written.removed += 1;
         }
         Ok(written)
+    }
+
+    /// The four maps with their names, for counting their entries (metrics).
+    pub fn maps(&self) -> [(&'static str, &MapData); 4] {
+        use aya::maps::IterableMap as _;
+        [
+            (maps::ID4, self.v4.map()),
+            (maps::ID6, self.v6.map()),
+            (maps::ID4_HOST, self.host4.map()),
+            (maps::ID6_HOST, self.host6.map()),
+        ]
     }
 }
 

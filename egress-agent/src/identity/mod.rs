@@ -6,5 +6,6 @@ pub mod dataplane;
 pub mod file;
 pub mod model;
 pub mod registry;
+pub mod state;
 
 pub use model::{Claim, Origin, SessionSpec, SessionView, SpecError};

@@ -161,6 +161,13 @@ impl Registry {
         self.ids.len()
     }
 
+    /// The user behind an identity id the dataplane recorded for a flow
+    /// (`None` for 0, "no identity", and for ids no longer in use).
+    pub fn user_of(&self, identity_id: u32) -> Option<&str> {
+        let index = identity_id.checked_sub(1)? as usize;
+        self.slots.get(index)?.as_ref().map(|i| i.user.as_str())
+    }
+
     /// Identity of every id, index `id - 1` (a free id holds an identity
     /// that nothing points at), for compiling the identity class table.
     pub fn identities(&self) -> Vec<Identity> {

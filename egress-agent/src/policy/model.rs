@@ -331,6 +331,10 @@ pub struct Pool {
     pub ipv6: Option<Ipv6Net>,
     pub mode: PoolMode,
     pub when_down: WhenDown,
+    /// The uplink the pool's flows must leave from (redirected there when
+    /// routing chose another one); `None`: whichever uplink routing chooses.
+    /// Only the running agent knows its uplinks, so it checks the name.
+    pub interface: Option<String>,
 }
 
 /// The shared default egress.

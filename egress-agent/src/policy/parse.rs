@@ -146,6 +146,8 @@ struct PoolJson {
     mode: ModeJson,
     #[serde(default)]
     when_down: WhenDownJson,
+    #[serde(default)]
+    interface: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -552,6 +554,29 @@ fn check_name(path: &str, name: &str, what: &str) -> Result<(), PolicyError> {
     Ok(())
 }
 
+/// A Linux interface name: what the kernel would accept (dev_valid_name).
+/// Whether it is one of the agent's uplinks only the running agent knows.
+fn check_interface(path: &str, name: &str) -> Result<(), PolicyError> {
+    // IFNAMSIZ (16) with the terminating NUL.
+    const MAX_IFNAME: usize = 15;
+    let forbidden = |c: char| c == '/' || c == ':' || c.is_whitespace() || c.is_control();
+    let why = if name.is_empty() {
+        "is empty"
+    } else if name.len() > MAX_IFNAME {
+        "is longer than 15 bytes"
+    } else if name == "." || name == ".." {
+        "is not an interface name"
+    } else if name.chars().any(forbidden) {
+        "contains '/', ':', whitespace or control characters"
+    } else {
+        return Ok(());
+    };
+    Err(PolicyError::invalid(
+        path,
+        format!("interface name {name:?} {why}"),
+    ))
+}
+
 fn check_unicast(path: &str, addr: Ipv4Addr) -> Result<(), PolicyError> {
     if addr.is_unspecified() || addr.is_multicast() || addr.is_broadcast() || addr.is_loopback() {
         return Err(PolicyError::invalid(
@@ -733,6 +758,9 @@ impl FileJson {
                     ));
                 }
             };
+            if let Some(interface) = &pool.interface {
+                check_interface(&format!("{path}.interface"), interface)?;
+            }
             pools.push(Pool {
                 name,
                 ipv4: pool.ipv4,
@@ -745,6 +773,7 @@ impl FileJson {
                     WhenDownJson::Drop => WhenDown::Drop,
                     WhenDownJson::Default => WhenDown::Default,
                 },
+                interface: pool.interface,
             });
         }
 
@@ -1373,6 +1402,31 @@ mod tests {
             err.starts_with("egress_pools.pt-montijo.mode: unknown variant `random`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn parse_pool_interface_optional_name_checked() {
+        assert_eq!(
+            parse(EXAMPLE).unwrap().pools[0].interface,
+            None,
+            "without an interface, flows leave from whichever uplink routing chooses"
+        );
+        let set = parse(&edited(
+            "\"ipv6\": \"2001:db8:e0::/64\" }",
+            "\"ipv6\": \"2001:db8:e0::/64\", \"interface\": \"up1\" }",
+        ))
+        .unwrap();
+        assert_eq!(set.pools[0].interface.as_deref(), Some("up1"));
+        for bad in ["", "a-name-of-16-byte", "eth 0", "a/b", ".."] {
+            let err = error(&edited(
+                "\"ipv6\": \"2001:db8:e0::/64\" }",
+                &format!("\"ipv6\": \"2001:db8:e0::/64\", \"interface\": {bad:?} }}"),
+            ));
+            assert!(
+                err.starts_with("egress_pools.pt-montijo.interface: interface name"),
+                "{bad:?} must be rejected with the field's path: {err}"
+            );
+        }
     }
 
     #[test]

@@ -191,6 +191,7 @@ pub fn policy_set(max_policies: usize) -> impl Strategy<Value = PolicySet> {
                     ),
                     mode: Default::default(),
                     when_down: Default::default(),
+                    interface: None,
                 })
                 .collect(),
             default_egress: DefaultEgress {

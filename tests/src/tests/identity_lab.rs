@@ -29,6 +29,22 @@ fn identity_policies() -> String {
     )
 }
 
+/// `egress-agent session add <id> --user <user> ...` against `agent`.
+fn add_session(
+    agent: &Agent,
+    id: &str,
+    user: &str,
+    group: &str,
+    extra: &[&str],
+    addr: Ipv4Addr,
+) -> anyhow::Result<String> {
+    let addr = addr.to_string();
+    let mut args = vec!["session", "add", id, "--user", user, "--group", group];
+    args.extend_from_slice(extra);
+    args.extend(["--address", addr.as_str()]);
+    agent.cli(&args)
+}
+
 /// The source address the public server sees for a TCP connection from
 /// client address `i`.
 fn seen_from(lab: &Lab, i: u8) -> IpAddr {
@@ -92,20 +108,16 @@ fn identity_sessions_posture_and_removal_switch_new_flows() {
     eprintln!("posture change to a new flow using it: {took:.1?} (CLI process included)");
 
     // A second session cannot claim an address a live session holds.
-    let err = agent
-        .cli(&[
-            "session",
-            "add",
-            "intruder",
-            "--user",
-            "eve@example.com",
-            "--group",
-            "finance",
-            "--address",
-            &Lab::client_addr(1).to_string(),
-        ])
-        .unwrap_err()
-        .to_string();
+    let err = add_session(
+        &agent,
+        "intruder",
+        "eve@example.com",
+        "finance",
+        &[],
+        Lab::client_addr(1),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         err.contains("addresses[0]") && err.contains("bo-laptop"),
         "the conflict names the field and the owner: {err}"
@@ -124,21 +136,15 @@ fn identity_sessions_posture_and_removal_switch_new_flows() {
         "a source without identity matches only policies without identity selectors"
     );
     // And a new session for it through the API takes effect at once.
-    agent
-        .cli(&[
-            "session",
-            "add",
-            "carol-phone",
-            "--user",
-            "carol@example.com",
-            "--group",
-            "finance",
-            "--posture",
-            "compliant",
-            "--address",
-            &Lab::client_addr(0).to_string(),
-        ])
-        .unwrap();
+    add_session(
+        &agent,
+        "carol-phone",
+        "carol@example.com",
+        "finance",
+        &["--posture", "compliant"],
+        Lab::client_addr(0),
+    )
+    .unwrap();
     assert_eq!(seen_from(&lab, 0), IpAddr::V4(DEDICATED_PRIMARY));
     let listed = agent.cli(&["session", "ls", "--json"]).unwrap();
     let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
@@ -152,21 +158,15 @@ fn identity_sessions_posture_and_removal_switch_new_flows() {
 
     // A session that expires is removed by the agent.
     agent.cli(&["session", "rm", "carol-phone"]).unwrap();
-    agent
-        .cli(&[
-            "session",
-            "add",
-            "short",
-            "--user",
-            "dan@example.com",
-            "--group",
-            "eng",
-            "--ttl",
-            "2s",
-            "--address",
-            &Lab::client_addr(0).to_string(),
-        ])
-        .unwrap();
+    add_session(
+        &agent,
+        "short",
+        "dan@example.com",
+        "eng",
+        &["--ttl", "2s"],
+        Lab::client_addr(0),
+    )
+    .unwrap();
     assert_eq!(seen_from(&lab, 0), IpAddr::V4(DEDICATED_SECONDARY));
     agent
         .wait_for("sessions expired: short", Duration::from_secs(10))
@@ -260,16 +260,58 @@ fn identity_batch_of_100k_sessions_loads_and_steers() {
         stats["identities"], 100_000,
         "every user is a distinct identity"
     );
-    // Replacing the whole batch is one all-or-nothing change: a batch with
-    // one bad entry leaves the 100 000 in place.
-    let bad = batch.replacen("\"10.64.0.5\"", "\"10.64.0.5/8\"", 1);
+    // A batch is one all-or-nothing change: the same 100 000 again plus
+    // one entry claiming an address of another leaves everything as it was.
+    let bad = format!(
+        r#"{}, {{"id":"dup","user":"x@example.com","addresses":["10.64.0.5"]}}]"#,
+        batch.trim_end_matches(']')
+    );
     let bad_file = dir.write("bad.json", &bad);
     let err = agent
         .cli(&["session", "load", bad_file.to_str().unwrap()])
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("[5].addresses[0]"),
-        "names the entry and field: {err}"
+        err.contains("[100000].addresses[0]") && err.contains("s5"),
+        "the agent names the entry, the field and the owner: {err}"
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&agent.cli(&["stats", "--json"]).unwrap()).unwrap();
+    assert_eq!(
+        stats["sessions"], 100_000,
+        "the rejected batch changed nothing"
+    );
+}
+
+#[test]
+fn identity_api_sessions_survive_agent_restart() {
+    require_root();
+    let lab = Lab::new(0).unwrap();
+    let _servers = Servers::start(&lab.inet, &servers(), &[443]).unwrap();
+    let dir = TempDir::new("identity-restart");
+    let config = dir.write("policies.json", &identity_policies());
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
+    let mut agent = Agent::steering(&lab, &config, &["--state-dir", state]).unwrap();
+    add_session(
+        &agent,
+        "ana-laptop",
+        "ana@example.com",
+        "finance",
+        &["--posture", "compliant"],
+        Lab::client_addr(0),
+    )
+    .unwrap();
+    assert_eq!(seen_from(&lab, 0), IpAddr::V4(DEDICATED_PRIMARY));
+    assert!(agent.stop().unwrap().success(), "clean stop");
+
+    let agent = Agent::steering(&lab, &config, &["--state-dir", state]).unwrap();
+    agent
+        .wait_for("restored 1 of 1 saved API sessions", Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(
+        seen_from(&lab, 0),
+        IpAddr::V4(DEDICATED_PRIMARY),
+        "the restarted agent still knows who is behind the address"
     );
 }

@@ -35,7 +35,7 @@ fn example() -> PathBuf {
 }
 
 /// Program ids attached to `iface` through tcx, seen from inside `ns`.
-fn tcx_programs(ns: &NetNs, iface: &'static str) -> usize {
+pub(super) fn tcx_programs(ns: &NetNs, iface: &'static str) -> usize {
     ns.run(move || {
         let mut n = 0;
         for attach in [TcAttachType::Ingress, TcAttachType::Egress] {

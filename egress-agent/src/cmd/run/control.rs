@@ -16,6 +16,7 @@ use crate::{
     identity::{
         Origin, SessionSpec, file,
         registry::{Change, Pending},
+        state,
     },
     policy::{
         compile::identity_rows,
@@ -89,6 +90,10 @@ impl Agent {
             Command::GeoStats { reply } => {
                 let _ = reply.send(Ok(self.geo_stats()));
             }
+            Command::KernelLog { enabled, reply } => {
+                let _ = reply.send(self.set_kernel_log(enabled));
+            }
+            Command::Metrics { reply } => self.metrics(reply),
         }
     }
 
@@ -143,6 +148,7 @@ impl Agent {
                 ),
             })
             .collect();
+        self.sessions_dirty = true;
         self.tries
             .apply(&mut self.tables, &classes, &change)
             .map_err(|e| ControlError::internal(format!("writing the identity maps: {e}")))?;
@@ -172,6 +178,59 @@ impl Agent {
             view.spec.posture.iter().collect::<Vec<_>>()
         );
         Ok(view)
+    }
+
+    /// Write the API's sessions to the state directory if they changed.
+    pub(super) fn save_sessions(&mut self) {
+        if !self.sessions_dirty {
+            return;
+        }
+        let api: Vec<_> = self
+            .registry
+            .list()
+            .into_iter()
+            .filter(|s| s.origin == Origin::Api)
+            .collect();
+        match state::save(&self.state_dir, &api) {
+            Ok(()) => self.sessions_dirty = false,
+            // Kept dirty: retried on the next tick.
+            Err(e) => warn!("saving sessions: {e:#}"),
+        }
+    }
+
+    /// Add the API sessions a previous run saved. Ones that no longer fit
+    /// (an identities-file session now claims the address) are skipped
+    /// with a warning; the agent starts either way.
+    pub(super) fn restore_saved_sessions(&mut self, now: jiff::Timestamp) {
+        let saved = match state::load(&self.state_dir, now) {
+            Ok(Some(saved)) => saved,
+            Ok(None) => return,
+            Err(e) => {
+                warn!("saved sessions not restored: {e:#}");
+                return;
+            }
+        };
+        let all: Vec<_> = saved
+            .sessions
+            .into_iter()
+            .map(|(id, spec)| (id, spec, Origin::Api))
+            .collect();
+        let count = all.len();
+        if self.change_sessions(all.clone(), vec![], true).is_err() {
+            for (id, spec, origin) in all {
+                if let Err(e) =
+                    self.change_sessions(vec![(id.clone(), spec, origin)], vec![], false)
+                {
+                    warn!("saved session {id:?} not restored: {e}");
+                }
+            }
+        }
+        info!(
+            "restored {} of {count} saved API sessions from {} ({} expired)",
+            self.registry.ids_of(Origin::Api).len(),
+            self.state_dir.display(),
+            saved.expired
+        );
     }
 
     /// Remove sessions whose time is up.
@@ -255,6 +314,7 @@ impl Agent {
             "sessions": self.registry.len(),
             "identities": self.registry.identity_count(),
             "policies": self.set.policies.len(),
+            "flow_log": self.flow_log_view(),
         }))
     }
 }

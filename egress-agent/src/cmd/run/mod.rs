@@ -3,6 +3,9 @@
 //! dedicated addresses over, and detach cleanly on SIGINT/SIGTERM.
 
 mod control;
+mod flowlog;
+mod metrics;
+mod watch;
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -19,6 +22,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
+use self::watch::FileWatch;
 use crate::{
     api::{self, ApiLimits},
     cli::RunArgs,
@@ -34,6 +38,7 @@ use crate::{
     },
     loader::{Dataplane, LoadOptions},
     local,
+    pin::PinDir,
     policy::{
         self, Compiled, PolicySet,
         compile::Lookup,
@@ -41,6 +46,7 @@ use crate::{
         model::{Egress, Timeouts, WhenDown},
     },
     tables::{self, Tables},
+    uplinks,
 };
 
 /// How often idle flows are looked for: a quarter of the shortest timeout,
@@ -63,6 +69,8 @@ struct Agent {
     dataplane: Dataplane,
     tables: Tables,
     conntrack: Arc<Mutex<Conntrack>>,
+    /// The flow log, port use and the dataplane's switches.
+    flow_log: flowlog::FlowLog,
     timeouts: Arc<Mutex<Timeouts>>,
     monitor: Monitor,
     /// Health changes not yet acted on (the tables write failed).
@@ -77,6 +85,17 @@ struct Agent {
     geoip: Vec<PathBuf>,
     geo_writer: GeoWriter,
     geo: Option<Geo>,
+    /// Files whose change on disk triggers a reload (`None`: --no-watch).
+    watch: Option<FileWatch>,
+    /// Where API sessions are saved, and whether they changed since.
+    state_dir: PathBuf,
+    sessions_dirty: bool,
+    /// Reloads applied and rejected, and when the last one was applied.
+    reloads_ok: u64,
+    reloads_failed: u64,
+    last_reload: Option<std::time::SystemTime>,
+    /// `--uplink`s: the interfaces a pool may name.
+    uplinks: Vec<String>,
 }
 
 /// The loaded country databases: the tables (for re-classifying flows on
@@ -95,8 +114,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut sighup = signal(SignalKind::hangup())?;
     // Validate before touching the kernel: a bad file attaches nothing.
     let config = args.config.clone();
-    let uplink = args.uplink.clone();
+    let uplinks = args.uplink.clone();
+    uplinks::distinct(&uplinks)?;
     let set = policy::load(&config).with_context(|| config.display().to_string())?;
+    uplinks::check(&set, &uplinks).with_context(|| config.display().to_string())?;
     let now = jiff::Timestamp::now();
     let file_sessions = match &args.identities {
         Some(path) => Some(identity::file::load(
@@ -115,17 +136,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     let identity_slots = args.max_sessions.saturating_add(1).max(2);
-    let mut dataplane = Dataplane::load(&LoadOptions {
-        max_flows: args.max_flows.unwrap_or(set.nat.max_flows),
-        classes_per_gen: args.max_classes,
-        max_prefixes: args.max_prefixes,
-        identity_slots,
-        identity_prefixes: (args.max_sessions.saturating_mul(2)).max(1024),
-        geo: geo_tables.is_some(),
-        geo_split_blocks: args.geo_split_blocks,
-        geo_v6_ranges: args.geo_v6_ranges,
-        ..LoadOptions::default()
-    })
+    let pins = PinDir::lock(&args.pin_path)?;
+    let mut dataplane = Dataplane::load_pinned(
+        &LoadOptions {
+            max_flows: args.max_flows.unwrap_or(set.nat.max_flows),
+            classes_per_gen: args.max_classes,
+            max_prefixes: args.max_prefixes,
+            identity_slots,
+            identity_prefixes: (args.max_sessions.saturating_mul(2)).max(1024),
+            geo: geo_tables.is_some(),
+            geo_split_blocks: args.geo_split_blocks,
+            geo_v6_ranges: args.geo_v6_ranges,
+            ..LoadOptions::default()
+        },
+        pins,
+    )
     .context("loading the dataplane")?;
     if let Some(logger) = dataplane.take_logger() {
         // SAFETY: the logger owns the ring buffer's fd and keeps it open,
@@ -167,8 +192,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let tables = Tables::new(dataplane.ebpf_mut()).context("opening the policy maps")?;
     let tries = IdentityTries::new(dataplane.ebpf_mut()).context("opening the identity maps")?;
-    let conntrack =
+    let mut conntrack =
         Conntrack::new(dataplane.ebpf_mut()).context("opening the connection tables")?;
+    let flow_log = flowlog::FlowLog::open(
+        dataplane.ebpf_mut(),
+        args.flow_log.as_deref(),
+        &mut conntrack,
+        set.nat.port_range,
+    )?;
     let registry = Registry::new(Limits {
         max_sessions: args.max_sessions as usize,
         max_identities: identity_slots - 1,
@@ -184,6 +215,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         dataplane,
         tables,
         conntrack: Arc::clone(&conntrack),
+        flow_log,
         timeouts: Arc::clone(&timeouts),
         monitor: Monitor::default(),
         health_changes: Vec::new(),
@@ -195,6 +227,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         geoip: args.geoip.clone(),
         geo_writer,
         geo,
+        watch: None,
+        state_dir: args.state_dir.clone(),
+        sessions_dirty: false,
+        reloads_ok: 0,
+        reloads_failed: 0,
+        last_reload: None,
+        uplinks: uplinks.clone(),
     };
     let report = agent
         .tables
@@ -223,10 +262,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             file.expired
         );
     }
+    agent.restore_saved_sessions(now);
     let (control_tx, mut control_rx) = tokio::sync::mpsc::channel::<Command>(64);
     let api = api::serve(
         &args.api,
-        control_tx,
+        control_tx.clone(),
         ApiLimits {
             max_body: args.api_max_body,
         },
@@ -234,10 +274,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("starting the control API on {}", args.api.display()))?;
     info!("control API listening on {}", args.api.display());
-    agent
-        .dataplane
-        .attach(&uplink, args.attach)
-        .with_context(|| format!("attaching to uplink {uplink}"))?;
+    let metrics_server = metrics::start(args.metrics, control_tx).await?;
+    for uplink in &uplinks {
+        agent
+            .dataplane
+            .attach(uplink, args.attach)
+            .with_context(|| format!("attaching to uplink {uplink}"))?;
+    }
+    let uplink = uplinks.join(", ");
+    if let Err(err) = agent.dataplane.drop_stale_links() {
+        warn!("removing the previous agent's attachments: {err}");
+    }
     info!(
         "steering on {uplink}: {} policies ({} rules, {} classes), generation {} ({} map writes)",
         agent.set.policies.len(),
@@ -250,6 +297,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let sweeper = tokio::spawn(sweep_forever(conntrack, timeouts));
     let mut health_every = tokio::time::interval(agent.set.health.interval);
     let mut expiry_every = tokio::time::interval(Duration::from_secs(1));
+    // Files whose change on disk triggers a reload.
+    agent.watch = (!args.no_watch).then(|| {
+        let mut paths = vec![agent.config.clone()];
+        paths.extend(agent.identities.clone());
+        paths.extend(agent.geoip.iter().cloned());
+        FileWatch::new(paths, Duration::from_millis(500))
+    });
+    let mut watch_every = tokio::time::interval(Duration::from_millis(500));
     loop {
         let interval = agent.set.health.interval;
         tokio::select! {
@@ -258,9 +313,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = sighup.recv() => {
                 let _ = agent.reload();
             }
+            _ = watch_every.tick(), if agent.watch.is_some() => {
+                if agent.watch.as_mut().is_some_and(|w| w.poll(std::time::Instant::now())) {
+                    info!("a watched file changed on disk: reloading");
+                    let _ = agent.reload();
+                }
+            }
             Some(command) = control_rx.recv() => agent.handle(command),
+            Some(note) = agent.flow_log.next() => agent.flow_note(note),
             _ = health_every.tick() => agent.health_round().await,
-            _ = expiry_every.tick() => agent.expire_sessions(),
+            _ = expiry_every.tick() => {
+                agent.expire_sessions();
+                agent.save_sessions();
+            }
         }
         if agent.set.health.interval != interval {
             health_every = tokio::time::interval(agent.set.health.interval);
@@ -268,10 +333,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     api.shutdown().await;
+    if let Some(server) = metrics_server {
+        server.shutdown().await;
+    }
+    agent.save_sessions();
     sweeper.abort();
-    info!("stopping: detaching from {uplink}");
+    agent.flow_log_finish();
     agent.log_counters();
-    agent.dataplane.detach();
+    if args.keep_dataplane {
+        agent.dataplane.keep();
+    } else {
+        info!("stopping: detaching from {uplink}");
+        agent.dataplane.detach();
+    }
     Ok(())
 }
 
@@ -330,10 +404,20 @@ impl Agent {
     /// checked before anything changes; a rejected reload keeps everything
     /// that is running.
     fn reload(&mut self) -> Result<ReloadView, ControlError> {
+        // Whatever the outcome, the files as they are now have been seen.
+        if let Some(w) = &mut self.watch {
+            w.mark_applied();
+        }
         let result = self.try_reload();
         match &result {
-            Ok(_) => {}
-            Err(err) => error!("reload rejected, previous policies stay in force: {err}"),
+            Ok(_) => {
+                self.reloads_ok += 1;
+                self.last_reload = Some(std::time::SystemTime::now());
+            }
+            Err(err) => {
+                self.reloads_failed += 1;
+                error!("reload rejected, previous policies stay in force: {err}");
+            }
         }
         result
     }
@@ -341,6 +425,8 @@ impl Agent {
     fn try_reload(&mut self) -> Result<ReloadView, ControlError> {
         let config = self.config.display().to_string();
         let set = policy::load(&self.config)
+            .map_err(|err| ControlError::unprocessable(None, format!("{config}: {err}")))?;
+        uplinks::check(&set, &self.uplinks)
             .map_err(|err| ControlError::unprocessable(None, format!("{config}: {err}")))?;
         let file_sessions = self.prepare_identities_file()?;
         let geo = if self.geoip.is_empty() {
