@@ -1,13 +1,17 @@
 //! Lab test of operating under traffic: a long TCP connection and a UDP
 //! flow keep flowing, unchanged, while the policies are reloaded again and
-//! again (by signal, API and file change) and a broken file is written.
+//! again (by signal, API and file change), a broken file is written, and
+//! the agent is killed and started again.
 
 use std::time::Duration;
+
+use nix::sys::signal::Signal;
 
 use super::{nat_lab::policy_set, prog_test_run::require_root};
 use crate::{
     agent::Agent,
     lab::{DEDICATED_PRIMARY, Lab, SERVER_PARTNER, SERVER_PUBLIC, servers},
+    pins::PinPath,
     probe::{self, Servers, sa},
     tempdir::TempDir,
     traffic::Stream,
@@ -32,13 +36,14 @@ fn policies(variant: usize) -> String {
 }
 
 #[test]
-fn reload_50_times_and_broken_file_under_traffic_nothing_lost_tuple_unchanged() {
+fn reload_50_times_broken_file_and_sigkill_under_traffic_nothing_lost_tuple_unchanged() {
     require_root();
     let lab = Lab::new(0).unwrap();
     let _servers = Servers::start(&lab.inet, &servers(), &[443]).unwrap();
     let dir = TempDir::new("reload-traffic");
     let config = dir.write("policies.json", &policies(0));
-    let agent = Agent::steering(&lab, &config, &[]).unwrap();
+    let pins = PinPath::new().unwrap();
+    let mut agent = Agent::steering(&lab, &config, &["--pin-path", pins.arg()]).unwrap();
     let stream =
         Stream::start(&lab.client, sa(SERVER_PUBLIC, 443), sa(SERVER_PUBLIC, 443)).unwrap();
     stream.advance(20, Duration::from_secs(10)).unwrap();
@@ -102,6 +107,17 @@ fn reload_50_times_and_broken_file_under_traffic_nothing_lost_tuple_unchanged() 
         "new flows still follow the last good policies"
     );
 
+    // The agent is killed outright; the dataplane carries on, and a new
+    // agent on the same pins takes over.
+    agent.signal(Signal::SIGKILL).unwrap();
+    assert!(!agent.stop().unwrap().success(), "the agent was killed");
+    stream
+        .advance(20, Duration::from_secs(10))
+        .expect("traffic flows while no agent runs");
+    dir.write("policies.json", &policies(5));
+    let _agent = Agent::steering(&lab, &config, &["--pin-path", pins.arg()]).unwrap();
+    stream.advance(20, Duration::from_secs(10)).unwrap();
+
     let (tcp, udp) = stream.finish().unwrap();
     assert_eq!(
         tcp.seen.ip(),
@@ -121,7 +137,7 @@ fn reload_50_times_and_broken_file_under_traffic_nothing_lost_tuple_unchanged() 
         udp.seen
     );
     eprintln!(
-        "under 52 reloads and a broken file: {} TCP bytes intact, {} UDP datagrams all answered",
+        "under 52 reloads, a broken file and a SIGKILL restart: {} TCP bytes intact, {} UDP datagrams all answered",
         tcp.bytes, udp.sent
     );
 }
