@@ -22,13 +22,13 @@ use aya::{
 use egress_common::{
     classify::{
         ACTION_F_MARK, ACTIONS_PER_GEN, Action, COUNTRY_SLOTS, ClassRow, GEN_PREFIX_BITS,
-        GENERATIONS, GenPrefix4, GenPrefix6, IdentityRef, MAX_POOLS, NO_MATCH, PORT_SLOTS_PER_GEN,
-        Pool, Settings, action_slot, country_slot, identity_slot, pool_slot,
+        GENERATIONS, GenPrefix4, GenPrefix6, MAX_POOLS, NO_MATCH, PORT_SLOTS_PER_GEN, Pool,
+        Settings, action_slot, country_slot, identity_slot, pool_slot,
     },
     maps,
     stats::{ADDR_STAT_SLOTS, AddrStats, DEFAULT_STATS_SLOT, POLICY_STAT_SLOTS, PolicyStats},
 };
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::{
     policy::{
@@ -907,79 +907,4 @@ pub fn addr6_words(addr: &std::net::Ipv6Addr) -> [u32; 4] {
     std::array::from_fn(|i| {
         u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
     })
-}
-
-/// Replace the contents of a policy-independent trie pair (identities by
-/// source). New entries go in before stale ones
-/// are removed, so no covered address is ever briefly unknown, unless the
-/// trie could not hold both at once.
-fn replace_prefixes<V: Pod + PartialEq>(
-    ebpf: &mut Ebpf,
-    names: (&'static str, &'static str),
-    entries: &[(IpNet, V)],
-) -> Result<(), TablesError> {
-    fn sync<K: Pod + Eq + Hash, V: Pod + PartialEq>(
-        ebpf: &mut Ebpf,
-        name: &'static str,
-        wanted: HashMap<(K, u32), V>,
-    ) -> Result<(), TablesError> {
-        let map = ebpf.map_mut(name).ok_or(TablesError::MissingMap { name })?;
-        let mut trie: LpmTrie<&mut MapData, K, V> =
-            LpmTrie::try_from(map).map_err(|source| TablesError::MapType { name, source })?;
-        let cap = capacity(trie.map(), name)?;
-        if wanted.len() > cap as usize {
-            return Err(TablesError::TableFull {
-                map: name,
-                needed: wanted.len(),
-                capacity: cap,
-            });
-        }
-        let held: HashSet<(K, u32)> = trie
-            .keys()
-            .filter_map(Result::ok)
-            .map(|k| (k.data(), k.prefix_len()))
-            .collect();
-        let stale: Vec<Key<K>> = held
-            .iter()
-            .filter(|k| !wanted.contains_key(k))
-            .map(|(data, len)| Key::new(*len, *data))
-            .collect();
-        let added = wanted.keys().filter(|k| !held.contains(k)).count();
-        let remove_first = held.len() + added > cap as usize;
-        let remove_stale = |trie: &mut LpmTrie<&mut MapData, K, V>| {
-            stale
-                .iter()
-                .try_for_each(|key| trie.remove(key).map_err(write_err(name)))
-        };
-        if remove_first {
-            remove_stale(&mut trie)?;
-        }
-        for ((data, len), value) in &wanted {
-            trie.insert(&Key::new(*len, *data), value, 0)
-                .map_err(write_err(name))?;
-        }
-        if !remove_first {
-            remove_stale(&mut trie)?;
-        }
-        Ok(())
-    }
-    let mut v4 = HashMap::new();
-    let mut v6 = HashMap::new();
-    for (net, value) in entries {
-        match net.trunc() {
-            IpNet::V4(n) => v4.insert((n.network().octets(), u32::from(n.prefix_len())), *value),
-            IpNet::V6(n) => v6.insert((n.network().octets(), u32::from(n.prefix_len())), *value),
-        };
-    }
-    sync(ebpf, names.0, v4)?;
-    sync(ebpf, names.1, v6)
-}
-
-/// Which identity each source prefix belongs to (an address without an
-/// entry has no identity).
-pub fn set_identity_addrs(
-    ebpf: &mut Ebpf,
-    entries: &[(IpNet, IdentityRef)],
-) -> Result<(), TablesError> {
-    replace_prefixes(ebpf, (maps::ID4, maps::ID6), entries)
 }

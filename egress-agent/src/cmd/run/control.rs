@@ -306,7 +306,13 @@ impl Agent {
                 })
             })
             .collect();
-        let active_flows = self.conntrack.lock().expect("conntrack lock").flows().len();
+        let census = self
+            .conntrack
+            .lock()
+            .expect("conntrack lock")
+            .census()
+            .map_err(|e| ControlError::internal(format!("counting active flows: {e}")))?;
+        let active_flows = census.flows4 + census.flows6;
         Ok(json!({
             "counters": counters,
             "egress_addresses": addresses,

@@ -644,16 +644,19 @@ impl Agent {
                 );
             }
         }
-        let flows = self.conntrack.lock().expect("conntrack lock").flows();
+        // Active flows per egress address (or IPv6 range): counted by the
+        // counter slot each flow records, in one batched walk.
+        let census = self.conntrack.lock().expect("conntrack lock").census();
+        if let Err(err) = &census {
+            warn!("counting active flows: {err}");
+        }
         if let Ok(addrs) = self.tables.addr_stats() {
             for (addr, s) in addrs {
-                // Active flows of an address, or of an IPv6 range.
-                let active = match addr.parse::<ipnet::IpNet>() {
-                    Ok(range) => flows.iter().filter(|f| range.contains(&f.nat_addr)).count(),
-                    Err(_) => flows
-                        .iter()
-                        .filter(|f| f.nat_addr.to_string() == addr)
-                        .count(),
+                let active = match (&census, self.tables.addr_slot_of(&addr)) {
+                    (Ok(c), Some(slot)) => {
+                        c.by_addr_slot.get(usize::from(slot)).copied().unwrap_or(0)
+                    }
+                    _ => 0,
                 };
                 info!(
                     "egress {addr}: flows={} active={active} exhausted={} {}",
