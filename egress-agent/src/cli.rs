@@ -259,6 +259,13 @@ pub struct RunArgs {
     /// each; a full public database needs ~280 000).
     #[arg(long, value_name = "N", default_value_t = egress_common::geo::DEFAULT_V6_RANGES)]
     pub geo_v6_ranges: u32,
+
+    /// Accept a policy file, identities file or country database that a
+    /// user other than root (or the agent's own user) could change: by
+    /// default such a file is refused at start and on reload, because
+    /// whoever can write it decides which address traffic leaves from.
+    #[arg(long)]
+    pub allow_insecure_config: bool,
 }
 
 #[derive(Args, Debug)]

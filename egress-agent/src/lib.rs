@@ -24,4 +24,5 @@ pub mod ports;
 pub mod slot_names;
 pub mod switches;
 pub mod tables;
+pub mod trust;
 pub mod uplinks;

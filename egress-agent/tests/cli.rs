@@ -105,3 +105,40 @@ fn check_missing_file_names_it() {
         "{stderr}"
     );
 }
+
+#[test]
+fn run_world_writable_policy_file_refused_before_touching_anything() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new("insecure-run");
+    let config = dir.write(
+        "policies.json",
+        &std::fs::read_to_string(example()).unwrap(),
+    );
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let pins = dir.join("pins");
+    let out = agent()
+        .args(["run", "--uplink", "lo", "--no-watch", "--config"])
+        .arg(&config)
+        .arg("--pin-path")
+        .arg(&pins)
+        .arg("--api")
+        .arg(dir.join("api.sock"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a world-writable policy file stops the start: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("policy file {}", config.display()))
+            && stderr.contains("--allow-insecure-config"),
+        "the error names the file and the way out: {stderr}"
+    );
+    assert!(
+        !pins.exists() && !dir.join("state").exists() && !dir.join("api.sock").exists(),
+        "nothing was created before the refusal"
+    );
+}

@@ -12,6 +12,7 @@ mod packet;
 mod prog_test_run;
 mod reload_lab;
 mod restart_lab;
+mod security_lab;
 mod steer_e2e;
 mod uplinks_lab;
 mod uplinks_packets;

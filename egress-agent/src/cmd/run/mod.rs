@@ -46,7 +46,7 @@ use crate::{
         model::{Egress, Timeouts, WhenDown},
     },
     tables::{self, Tables},
-    uplinks,
+    trust, uplinks,
 };
 
 /// How often idle flows are looked for: a quarter of the shortest timeout,
@@ -96,6 +96,9 @@ struct Agent {
     last_reload: Option<std::time::SystemTime>,
     /// `--uplink`s: the interfaces a pool may name.
     uplinks: Vec<String>,
+    /// `--allow-insecure-config`: skip the check that only root can change
+    /// the files the agent steers by.
+    allow_insecure_config: bool,
 }
 
 /// The loaded country databases: the tables (for re-classifying flows on
@@ -116,6 +119,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = args.config.clone();
     let uplinks = args.uplink.clone();
     uplinks::distinct(&uplinks)?;
+    if !args.allow_insecure_config {
+        trust::check_config(&config, args.identities.as_deref(), &args.geoip)?;
+    }
     let set = policy::load(&config).with_context(|| config.display().to_string())?;
     uplinks::check(&set, &uplinks).with_context(|| config.display().to_string())?;
     let now = jiff::Timestamp::now();
@@ -234,6 +240,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         reloads_failed: 0,
         last_reload: None,
         uplinks: uplinks.clone(),
+        allow_insecure_config: args.allow_insecure_config,
     };
     let report = agent
         .tables
@@ -424,6 +431,10 @@ impl Agent {
 
     fn try_reload(&mut self) -> Result<ReloadView, ControlError> {
         let config = self.config.display().to_string();
+        if !self.allow_insecure_config {
+            trust::check_config(&self.config, self.identities.as_deref(), &self.geoip)
+                .map_err(|err| ControlError::unprocessable(None, err.to_string()))?;
+        }
         let set = policy::load(&self.config)
             .map_err(|err| ControlError::unprocessable(None, format!("{config}: {err}")))?;
         uplinks::check(&set, &self.uplinks)
