@@ -10,6 +10,7 @@
 
 pub mod classify;
 pub mod conntrack;
+pub mod csum;
 pub mod events;
 pub mod flow;
 pub mod geo;

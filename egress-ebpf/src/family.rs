@@ -21,6 +21,7 @@ use aya_ebpf::{
 use egress_common::{
     classify::{GEN_PREFIX_BITS, GenPrefix4, GenPrefix6, IdentityRef, Pool, mix64},
     conntrack::{CtEntry, FragEntry, FragKey, RevEntry, Scratch},
+    csum,
     events::EventAddr,
     flow::{Addr4, Addr6, Tuple},
     geo,
@@ -108,6 +109,30 @@ pub struct Ipv6;
 #[inline(always)]
 fn helper<T>(r: Result<T, i64>) -> Result<T, Error> {
     r.map_err(|_| Error::Rewrite)
+}
+
+/// Replace the IPv4 address at `off` by direct packet access and update
+/// the header checksum at `csum_off` to match. Fails, writing nothing, when
+/// either lies outside the linear data.
+#[inline(always)]
+fn write_in_header(
+    ctx: &TcContext,
+    off: usize,
+    csum_off: usize,
+    old: Addr4,
+    new: Addr4,
+) -> Result<(), Error> {
+    let addr: *mut Addr4 = parse::ptr_at_mut(ctx, off)?;
+    let check: *mut u16 = parse::ptr_at_mut(ctx, csum_off)?;
+    // SAFETY: ptr_at_mut checked both lie before data_end; a TC program
+    // with direct writes gets a private (uncloned) skb from the kernel's
+    // prologue, and packet data may be unaligned.
+    unsafe {
+        let sum = check.read_unaligned();
+        addr.write_unaligned(new);
+        check.write_unaligned(csum::replace4(sum, old, new));
+    }
+    Ok(())
 }
 
 impl Family for Ipv4 {
@@ -211,11 +236,17 @@ impl Family for Ipv4 {
         new: Addr4,
         csums: Csums,
     ) -> Result<(), Error> {
-        helper(ctx.store(off, &new, 0))?;
-        let (old, new) = (u64::from(old), u64::from(new));
-        if csums.ip != 0 {
-            helper(ctx.l3_csum_replace(csums.ip, old, new, 4))?;
+        // The outer header is in the linear data the program parsed it
+        // from: written in place, checksum included, that spares two helper
+        // calls on every translated packet. Anything else (a quoted header
+        // deep in an ICMP error) goes through the helpers.
+        if csums.ip == 0 || write_in_header(ctx, off, csums.ip, old, new).is_err() {
+            helper(ctx.store(off, &new, 0))?;
+            if csums.ip != 0 {
+                helper(ctx.l3_csum_replace(csums.ip, u64::from(old), u64::from(new), 4))?;
+            }
         }
+        let (old, new) = (u64::from(old), u64::from(new));
         if csums.pseudo != 0 {
             helper(ctx.l4_csum_replace(
                 csums.pseudo,

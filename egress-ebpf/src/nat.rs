@@ -11,7 +11,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_NOEXIST, TC_ACT_OK},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     programs::TcContext,
 };
 use aya_log_ebpf::error;
@@ -64,10 +64,15 @@ fn bench_mode() -> u8 {
     unsafe { core::ptr::read_volatile(&BENCH_MODE) }
 }
 
+/// CLOCK_MONOTONIC at tick resolution: flow timestamps only need to be
+/// good to a few milliseconds against timeouts of seconds, and the coarse
+/// clock reads a stored value where `bpf_ktime_get_ns` reads the hardware
+/// clock (on a VM, a sixth of an established packet's cost). It never runs
+/// ahead of the agent's CLOCK_MONOTONIC, so idle times never underflow.
 #[inline(always)]
 fn now() -> u64 {
-    // SAFETY: no preconditions; reads CLOCK_MONOTONIC.
-    unsafe { bpf_ktime_get_ns() }
+    // SAFETY: no preconditions; reads CLOCK_MONOTONIC_COARSE.
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 #[inline(always)]
@@ -520,9 +525,11 @@ fn rewrite<F: Family>(
         Direction::Ingress => (F::DST, pkt.tuple.dst, pkt.tuple.dport_be),
     };
     let (csum_off, pseudo) = pkt.l4_csum().ok_or(Error::Unsupported)?;
-    // A zero UDP checksum means "none" in IPv4: keep it zero, and never turn
-    // a real one into zero.
-    let mangled = if pkt.l4 == L4::Udp && F::UDP_CSUM_OPTIONAL {
+    // A real UDP checksum must never become zero: zero means "none" in
+    // IPv4 and is invalid in IPv6 (RFC 8200), so a sum that folds to zero is
+    // written as 0xffff. A zero one is left as it is: "none" stays "none",
+    // and an IPv6 one was invalid already.
+    let mangled = if pkt.l4 == L4::Udp {
         u64::from(BPF_F_MARK_MANGLED_0)
     } else {
         0

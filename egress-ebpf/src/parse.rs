@@ -23,6 +23,7 @@ const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 /// Offset of the flags byte in the TCP header.
 const TCP_FLAGS_OFF: usize = 13;
+const UDP_HEADER_LEN: usize = 8;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
@@ -50,6 +51,14 @@ pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Result<*const T, Error> {
         return Err(Error::Malformed);
     }
     Ok((start + off) as *const T)
+}
+
+/// A writable pointer to a `T` at `off`, checked as [`ptr_at`] checks. The
+/// verifier gives a program with direct writes a prologue that makes the
+/// skb's data private first.
+#[inline(always)]
+pub fn ptr_at_mut<T>(ctx: &TcContext, off: usize) -> Result<*mut T, Error> {
+    ptr_at::<T>(ctx, off).map(|p| p.cast_mut())
 }
 
 /// A copy of the `T` at `off` through `bpf_skb_load_bytes`: no direct
@@ -250,6 +259,10 @@ fn get<T: Copy>(ctx: &TcContext, off: usize, reads: Reads) -> Result<T, Error> {
 
 /// The L4 part of a packet once the IP header (and options/extensions)
 /// is behind: kind, ports or echo identifier, TCP flags.
+///
+/// `icmp` is the ICMP protocol of the packet's family: ICMP in IPv6 or
+/// ICMPv6 in IPv4 is no ICMP message (its checksum rules differ), just
+/// another protocol.
 #[inline(always)]
 fn l4(
     ctx: &TcContext,
@@ -258,6 +271,7 @@ fn l4(
     direction: Direction,
     reads: Reads,
     quoted: bool,
+    icmp: u8,
 ) -> Result<(L4, u16, u16, u8), Error> {
     let (echo_request, echo_reply, first_error, last_error) = match protocol {
         proto::ICMP => (8, 0, 0, 0),
@@ -277,9 +291,15 @@ fn l4(
         }
         proto::UDP => {
             let ports: [u16; 2] = get(ctx, l4_off, reads)?;
+            // A packet of our own must have the whole header: its checksum
+            // is rewritten with the port. A quoted one may stop after the
+            // ports. (Checked against the length, not read: no stack.)
+            if !quoted && l4_off + UDP_HEADER_LEN > ctx.len() as usize {
+                return Err(Error::Malformed);
+            }
             (L4::Udp, ports[0], ports[1], 0)
         }
-        proto::ICMP | proto::ICMPV6 => {
+        p if p == icmp => {
             let head: [u8; 8] = get(ctx, l4_off, reads)?;
             let id = u16::from_ne_bytes([head[4], head[5]]);
             let kind = head[0];
@@ -344,6 +364,7 @@ pub fn ipv4(
             direction,
             Reads::Direct,
             l3 != L3_OFF,
+            proto::ICMP,
         )?
     };
     out.tuple = Tuple::new(src, dst, sport, dport, protocol);
@@ -411,7 +432,15 @@ pub fn ipv6(
     let (l4, sport, dport, tcp_flags) = if out.frag == Frag::Later {
         (L4::Other, 0, 0, 0)
     } else {
-        l4(ctx, next, off, direction, Reads::Helper, l3 != L3_OFF)?
+        l4(
+            ctx,
+            next,
+            off,
+            direction,
+            Reads::Helper,
+            l3 != L3_OFF,
+            proto::ICMPV6,
+        )?
     };
     out.tuple.sport_be = sport;
     out.tuple.dport_be = dport;
