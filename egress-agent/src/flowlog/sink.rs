@@ -6,8 +6,8 @@
 
 use std::{
     fs::{File, OpenOptions},
-    io::{self, BufWriter},
-    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
+    io::{self, BufWriter, Write as _},
+    os::unix::fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -105,13 +105,16 @@ impl Sink {
     fn open(dest: &Destination) -> io::Result<Open> {
         Ok(match dest {
             Destination::Stdout => Open::Stdout(BufWriter::new(io::stdout())),
-            Destination::File(path) => Open::File(BufWriter::new(
-                OpenOptions::new()
+            Destination::File(path) => {
+                let mut file = OpenOptions::new()
+                    .read(true)
                     .append(true)
                     .create(true)
                     .mode(0o600)
-                    .open(path)?,
-            )),
+                    .open(path)?;
+                end_torn_line(&mut file)?;
+                Open::File(BufWriter::new(file))
+            }
         })
     }
 
@@ -207,6 +210,22 @@ impl Sink {
     }
 }
 
+/// A write that failed part-way (a full disk) leaves a line without its
+/// newline, and lines appended after it would be glued to it, unreadable.
+/// End such a line before appending: only the torn line itself is lost.
+fn end_torn_line(file: &mut File) -> io::Result<()> {
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let mut last = [0u8; 1];
+    file.read_exact_at(&mut last, len - 1)?;
+    if last[0] != b'\n' {
+        file.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt as _;
@@ -267,6 +286,24 @@ mod tests {
         sink.flush(start + RETRY);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "d\n");
         assert_eq!((sink.lost(), sink.written()), (3, 1));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn flowlog_sink_torn_line_ended_before_appending() {
+        let dir = temp_dir("torn");
+        let path = dir.join("flows.jsonl");
+        // What a write cut short by a full disk leaves.
+        std::fs::write(&path, "{\"a\":1}\n{\"b\":").unwrap();
+        let mut sink = Sink::new(Destination::parse(&path));
+        let now = Instant::now();
+        sink.write("{\"c\":3}\n", now);
+        sink.flush(now);
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"a\":1}\n{\"b\":\n{\"c\":3}\n",
+            "the torn line is ended, the next line stands on its own"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
