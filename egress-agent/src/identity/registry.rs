@@ -271,6 +271,19 @@ impl Registry {
             }
         }
 
+        // A session given again unchanged (a reloaded identities file
+        // repeats every one) stays as it is: replacing it would rewrite its
+        // addresses and identity for nothing.
+        let upserts: Vec<(String, SessionSpec, Origin)> = upserts
+            .into_iter()
+            .filter(|(id, spec, origin)| {
+                !self
+                    .sessions
+                    .get(id)
+                    .is_some_and(|s| s.spec == *spec && s.origin == *origin)
+            })
+            .collect();
+
         // Capacities after the change.
         let gone: HashSet<&str> = removals
             .iter()
@@ -556,6 +569,22 @@ mod tests {
         assert_eq!(c.insert[0].1.id, new, "the address points at the new id");
         assert!(c.remove.is_empty(), "the address stays claimed");
         assert_eq!(r.identity_count(), 1);
+    }
+
+    #[test]
+    fn registry_unchanged_session_given_again_is_kept_not_replaced() {
+        let mut r = Registry::new(limits());
+        put(&mut r, "a", spec("ana@x", &["ok"], &["10.0.0.2"])).unwrap();
+        let id = r.identity_id("a").unwrap();
+        let c = put(&mut r, "a", spec("ana@x", &["ok"], &["10.0.0.2"])).unwrap();
+        assert_eq!(
+            (c.added, c.replaced, c.insert.len(), c.remove.len()),
+            (0, 0, 0, 0),
+            "the same session again changes nothing and writes nothing"
+        );
+        assert_eq!(r.identity_id("a"), Some(id), "it keeps its identity id");
+        let c = put(&mut r, "a", spec("ana@x", &[], &["10.0.0.2"])).unwrap();
+        assert_eq!(c.replaced, 1, "a changed posture still replaces it");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
-use self::watch::FileWatch;
+use self::watch::{FileWatch, Fingerprint};
 use crate::{
     api::{self, ApiLimits},
     cli::RunArgs,
@@ -96,6 +96,11 @@ struct Agent {
     last_reload: Option<std::time::SystemTime>,
     /// `--uplink`s: the interfaces a pool may name.
     uplinks: Vec<String>,
+    /// The versions of the identities file and the country databases in
+    /// force: a reload reads again only what changed (re-reading 100 000
+    /// unchanged sessions took seconds).
+    identities_applied: Option<Fingerprint>,
+    geo_applied: Fingerprint,
     /// `--allow-insecure-config`: skip the check that only root can change
     /// the files the agent steers by.
     allow_insecure_config: bool,
@@ -125,6 +130,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let set = policy::load(&config).with_context(|| config.display().to_string())?;
     uplinks::check(&set, &uplinks).with_context(|| config.display().to_string())?;
     let now = jiff::Timestamp::now();
+    // Taken before reading: a file changed while it is read is read again.
+    let identities_applied = args
+        .identities
+        .as_ref()
+        .map(|p| watch::fingerprint(std::slice::from_ref(p)));
+    let geo_applied = watch::fingerprint(&args.geoip);
     let file_sessions = match &args.identities {
         Some(path) => Some(identity::file::load(
             path,
@@ -240,6 +251,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         reloads_failed: 0,
         last_reload: None,
         uplinks: uplinks.clone(),
+        identities_applied,
+        geo_applied,
         allow_insecure_config: args.allow_insecure_config,
     };
     let report = agent
@@ -440,7 +453,8 @@ impl Agent {
         uplinks::check(&set, &self.uplinks)
             .map_err(|err| ControlError::unprocessable(None, format!("{config}: {err}")))?;
         let file_sessions = self.prepare_identities_file()?;
-        let geo = if self.geoip.is_empty() {
+        let geo_now = watch::fingerprint(&self.geoip);
+        let geo = if self.geoip.is_empty() || geo_now == self.geo_applied {
             None
         } else {
             let (tables, stats) = geoip::load(&self.geoip).map_err(|err| {
@@ -461,6 +475,7 @@ impl Agent {
             match self.geo_writer.apply(&tables) {
                 Ok(report) => {
                     info!("country databases reloaded: {report}");
+                    self.geo_applied = geo_now;
                     self.geo = Some(Geo {
                         tables,
                         stats,
@@ -520,7 +535,7 @@ impl Agent {
             deletes: report.deletes,
         };
         self.compiled = compiled;
-        if let Some(pending) = file_sessions {
+        if let Some((pending, version)) = file_sessions {
             // Rows of new identities are computed under the new policies.
             let change = self.commit_sessions(pending).map_err(|err| {
                 ControlError::unprocessable(
@@ -528,6 +543,7 @@ impl Agent {
                     format!("policies reloaded, but the identities file was not applied: {err}"),
                 )
             })?;
+            self.identities_applied = Some(version);
             info!(
                 "identities file: {} sessions added, {} replaced, {} removed",
                 change.added, change.replaced, change.removed
@@ -538,10 +554,16 @@ impl Agent {
 
     /// Read the identities file (if any) and check it as one change that
     /// replaces every session the file gave before.
-    fn prepare_identities_file(&self) -> Result<Option<Pending>, ControlError> {
+    /// `None` when there is none, or it is the version already in force.
+    fn prepare_identities_file(&self) -> Result<Option<(Pending, Fingerprint)>, ControlError> {
         let Some(path) = &self.identities else {
             return Ok(None);
         };
+        let version = watch::fingerprint(std::slice::from_ref(path));
+        if self.identities_applied.as_ref() == Some(&version) {
+            debug!("identities file {} unchanged", path.display());
+            return Ok(None);
+        }
         let now = jiff::Timestamp::now();
         let file =
             identity::file::load(path, now, identity::file::FILE_ID_PREFIX).map_err(|err| {
@@ -569,7 +591,7 @@ impl Agent {
             .collect();
         self.registry
             .prepare(upserts, removals, now, true)
-            .map(Some)
+            .map(|pending| Some((pending, version)))
             .map_err(|err| {
                 ControlError::unprocessable(
                     Some(format!(

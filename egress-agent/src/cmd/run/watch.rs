@@ -15,7 +15,7 @@ use std::{
 
 /// What identifies one version of a file: where it is and when it was last
 /// written (following symlinks). `None` when it cannot be read.
-type Fingerprint = Vec<Option<(u64, u64, i64, i64, u64)>>;
+pub type Fingerprint = Vec<Option<(u64, u64, i64, i64, u64)>>;
 
 pub struct FileWatch {
     paths: Vec<PathBuf>,
@@ -26,7 +26,7 @@ pub struct FileWatch {
     settle: Duration,
 }
 
-fn fingerprint(paths: &[PathBuf]) -> Fingerprint {
+pub fn fingerprint(paths: &[PathBuf]) -> Fingerprint {
     paths
         .iter()
         .map(|p| {
