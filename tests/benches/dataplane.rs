@@ -21,7 +21,7 @@
 )]
 mod packet;
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use egress_agent::{
@@ -42,6 +42,10 @@ use egress_tests::geodb;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 2);
 const SWAP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 200);
 const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+/// The same for IPv6: each swap pool is one address (a /128 range).
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 2);
+const SWAP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xe0, 0, 0, 0, 0, 0x200);
+const SERVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x10);
 
 struct Bench {
     dataplane: Dataplane,
@@ -118,11 +122,11 @@ impl Bench {
                 (format!("s{i}"), s, Origin::Api)
             })
             .collect();
-        upserts.push((
-            "client".into(),
-            spec("client@example.com".into(), "team-1".into(), CLIENT),
-            Origin::Api,
-        ));
+        let mut client = spec("client@example.com".into(), "team-1".into(), CLIENT);
+        client
+            .addresses
+            .push(Claim(std::net::IpAddr::V6(CLIENT6).into()));
+        upserts.push(("client".into(), client, Origin::Api));
         let pending = registry
             .prepare(upserts, vec![], jiff::Timestamp::now(), true)
             .unwrap_or_else(|e| panic!("bench sessions: {e}"));
@@ -187,6 +191,21 @@ fn policies(n: usize) -> String {
                 format!("\"{net}\"")
             })
             .collect();
+        // A third also name IPv6 destinations in 2001:2::/48 (the IPv6
+        // benchmarking range).
+        let dst6: Vec<String> = if r % 3 == 0 {
+            let v = next();
+            let len = [56, 60, 64][(v % 3) as usize];
+            let addr = (u128::from(Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0)))
+                | (u128::from((v >> 8) as u16) << 64);
+            let net = ipnet::Ipv6Net::new(Ipv6Addr::from(addr), len)
+                .unwrap()
+                .trunc();
+            vec![format!("\"{net}\"")]
+        } else {
+            Vec::new()
+        };
+        let dst: Vec<String> = dst.into_iter().chain(dst6).collect();
         let port = 1 + (r >> 20) % 60000;
         let group = if r % 5 == 0 {
             format!(", \"groups\": [\"team-{}\"]", r % 40)
@@ -203,19 +222,33 @@ fn policies(n: usize) -> String {
     }
     // The pair that makes repetitions alike (see the module comment), last
     // before the catch-all so classification has to reach the end.
-    out.push(format!(r#"{{ "name": "bench-c", "selector": {{ "src": ["{CLIENT}"] }}, "action": {{ "egress": "to-x" }} }}"#));
-    out.push(format!(r#"{{ "name": "bench-x", "selector": {{ "src": ["{SWAP}"] }}, "action": {{ "egress": "to-c" }} }}"#));
+    out.push(format!(r#"{{ "name": "bench-c", "selector": {{ "src": ["{CLIENT}", "{CLIENT6}"] }}, "action": {{ "egress": "to-x" }} }}"#));
+    out.push(format!(r#"{{ "name": "bench-x", "selector": {{ "src": ["{SWAP}", "{SWAP6}"] }}, "action": {{ "egress": "to-c" }} }}"#));
     out.push(
         r#"{ "name": "catch-all", "selector": {}, "action": { "egress": "default" } }"#.to_owned(),
     );
     format!(
         r#"{{ "egress_pools": {{ "pool0": {{ "ipv4": ["203.0.113.10"] }}, "pool1": {{ "ipv4": ["203.0.113.11"] }},
              "pool2": {{ "ipv4": ["203.0.113.12"] }}, "pool3": {{ "ipv4": ["203.0.113.13"] }},
-             "to-x": {{ "ipv4": ["{SWAP}"] }}, "to-c": {{ "ipv4": ["{CLIENT}"] }} }},
-           "default_egress": {{ "ipv4": "203.0.113.1" }},
+             "to-x": {{ "ipv4": ["{SWAP}"], "ipv6": "{SWAP6}/128" }},
+             "to-c": {{ "ipv4": ["{CLIENT}"], "ipv6": "{CLIENT6}/128" }} }},
+           "default_egress": {{ "ipv4": "203.0.113.1", "ipv6": "2001:db8:ff::1" }},
            "policies": [{}] }}"#,
         out.join(",\n")
     )
+}
+
+/// An address in the middle of the IPv6 /16 that holds the most country
+/// ranges.
+fn busiest_v6_bucket(countries: &GeoTables) -> Ipv6Addr {
+    let (_, bucket) = countries
+        .buckets
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, b)| b.count)
+        .expect("the IPv6 bucket index has 65 536 entries");
+    let range = &countries.ranges6[(bucket.first + bucket.count / 2) as usize];
+    Ipv6Addr::from((u128::from(range.start_hi) << 64 | u128::from(range.start_lo)) + 1)
 }
 
 struct Row {
@@ -248,6 +281,9 @@ fn main() {
     let client = SocketAddrV4::new(CLIENT, 40000);
     let swapped = SocketAddrV4::new(SWAP, 40000);
     let server = SocketAddrV4::new(SERVER, 443);
+    let client6 = SocketAddrV6::new(CLIENT6, 40000, 0, 0);
+    let swapped6 = SocketAddrV6::new(SWAP6, 40000, 0, 0);
+    let server6 = SocketAddrV6::new(SERVER6, 443, 0, 0);
     let mut rows: Vec<Row> = Vec::new();
     let mut measure = |what: String, bench: &mut Bench, program: &'static str, input: &[u8]| {
         let runs: Vec<f64> = (0..runs)
@@ -293,20 +329,47 @@ fn main() {
             maps::PROG_INGRESS,
             &stray,
         );
+        // The same pair of flows over IPv6.
+        let out6 = packet::tcp6(client6, server6, false, &[0u8; 64]);
+        bench.ns(maps::PROG_EGRESS, &out6, 1);
+        bench.ns(
+            maps::PROG_EGRESS,
+            &packet::tcp6(swapped6, server6, false, &[0u8; 64]),
+            1,
+        );
+        measure(
+            "established flow, egress (IPv6 TCP)".into(),
+            &mut bench,
+            maps::PROG_EGRESS,
+            &out6,
+        );
+        let reply6 = packet::tcp6(server6, swapped6, false, &[0u8; 64]);
+        measure(
+            "established flow, reply on ingress (IPv6 TCP)".into(),
+            &mut bench,
+            maps::PROG_INGRESS,
+            &reply6,
+        );
     }
 
     // New flows at growing policy counts, taken by a rule at the end of the list.
-    for mode in [2u8, 1] {
-        for n in [10usize, 256, 4096] {
-            let mut bench = Bench::new(mode);
-            bench.apply(&policies(n));
-            let syn = packet::tcp(client, server, true, &[0u8; 64]);
-            let what = if mode == 2 {
-                format!("new flow: classify, claim, insert, rewrite ({n} policies)")
-            } else {
-                format!("new flow: classify and rewrite only ({n} policies)")
-            };
-            measure(what, &mut bench, maps::PROG_EGRESS, &syn);
+    for v6 in [false, true] {
+        for mode in [2u8, 1] {
+            for n in [10usize, 256, 4096] {
+                let mut bench = Bench::new(mode);
+                bench.apply(&policies(n));
+                let (syn, family) = if v6 {
+                    (packet::tcp6(client6, server6, true, &[0u8; 64]), "IPv6, ")
+                } else {
+                    (packet::tcp(client, server, true, &[0u8; 64]), "")
+                };
+                let what = if mode == 2 {
+                    format!("new flow: classify, claim, insert, rewrite ({family}{n} policies)")
+                } else {
+                    format!("new flow: classify and rewrite only ({family}{n} policies)")
+                };
+                measure(what, &mut bench, maps::PROG_EGRESS, &syn);
+            }
         }
     }
 
@@ -351,6 +414,21 @@ fn main() {
                 format!("new flow: classify and rewrite only ({label})")
             };
             measure(what, &mut bench, maps::PROG_EGRESS, &syn);
+            // IPv6: with countries, a destination in the /16 holding the
+            // most ranges, so the binary search takes its longest path.
+            let dst6 = countries.map_or(SERVER6, busiest_v6_bucket);
+            let syn6 = packet::tcp6(
+                client6,
+                SocketAddrV6::new(dst6, 443, 0, 0),
+                true,
+                &[0u8; 64],
+            );
+            let what = if mode == 2 {
+                format!("new flow: classify, claim, insert, rewrite (IPv6, {label})")
+            } else {
+                format!("new flow: classify and rewrite only (IPv6, {label})")
+            };
+            measure(what, &mut bench, maps::PROG_EGRESS, &syn6);
         }
     }
 

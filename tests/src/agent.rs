@@ -146,6 +146,11 @@ impl Agent {
         })
     }
 
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Start `egress-agent run --config <config> --uplink up0 <extra>` (the
     /// binary `bin`) on the lab's gateway, without waiting for it to steer.
     pub fn start_gateway(
