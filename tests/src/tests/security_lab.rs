@@ -1,6 +1,7 @@
-//! Lab test of the agent's trust in its files: a policy file that a user
-//! other than root could change is refused on reload, and the policies in
-//! force stay until root owns the file again.
+//! Lab test of who may change how traffic leaves: the agent's pin
+//! directories are root's alone, and a policy file that a user other than
+//! root could change is refused on reload, the policies in force staying
+//! until only root can write the file again.
 
 use std::{net::IpAddr, os::unix::fs::PermissionsExt as _, path::Path, time::Duration};
 
@@ -8,6 +9,7 @@ use super::{nat_lab::policy_set, prog_test_run::require_root};
 use crate::{
     agent::Agent,
     lab::{DEDICATED_PRIMARY, GW_UPLINK, Lab, SERVER_PUBLIC, servers},
+    pins::PinPath,
     probe::{self, Servers, sa},
     tempdir::TempDir,
 };
@@ -44,7 +46,13 @@ fn security_policy_file_made_world_writable_reload_refused_policies_stay_until_f
     let _servers = Servers::start(&lab.inet, &servers(), &[443]).unwrap();
     let dir = TempDir::new("insecure-config");
     let config = dir.write("policies.json", &policies(true));
-    let agent = Agent::steering(&lab, &config, &[]).unwrap();
+    let pins = PinPath::new().unwrap();
+    let agent = Agent::steering(&lab, &config, &["--pin-path", pins.arg()]).unwrap();
+    // The pins give full access to every flow's translation: root's alone.
+    for dir in [pins.path().to_path_buf(), pins.path().join("maps")] {
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "{} is created 0700", dir.display());
+    }
     assert_eq!(
         public_flow_source(&lab, "before"),
         IpAddr::from(DEDICATED_PRIMARY),
