@@ -2,11 +2,10 @@
 //! request turned into a [`Command`] for the agent's main task and its
 //! reply (or [`ControlError`]) into the response.
 
-mod body;
+pub mod body;
 mod socket;
 
 use std::{
-    collections::{BTreeSet, HashSet},
     io,
     path::{Path, PathBuf},
     time::Duration,
@@ -24,7 +23,6 @@ use axum::{
     routing::{get, post, put},
 };
 use log::{debug, error, warn};
-use serde::Deserialize;
 use tokio::{
     sync::{mpsc, oneshot},
     task::JoinHandle,
@@ -264,10 +262,7 @@ async fn put_session(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<SessionView>, ControlError> {
     let id = session_id(id)?;
-    let spec: SessionSpec = body::parse(&s.bytes(body)?)?;
-    // Everything one session can be checked for alone is checked here;
-    // the agent checks what needs the others (overlaps, capacity).
-    spec.validate(jiff::Timestamp::now())?;
+    let spec: SessionSpec = body::session(&s.bytes(body)?, jiff::Timestamp::now())?;
     s.ask(|reply| Command::PutSession { id, spec, reply })
         .await
         .map(Json)
@@ -277,22 +272,7 @@ async fn put_sessions(
     State(s): State<Shared>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<BatchReport>, ControlError> {
-    let sessions = body::parse_batch(&s.bytes(body)?)?;
-    let now = jiff::Timestamp::now();
-    let mut seen = HashSet::with_capacity(sessions.len());
-    for (i, entry) in sessions.iter().enumerate() {
-        validate_id(&entry.id)
-            .map_err(|e| ControlError::unprocessable(Some(format!("[{i}].id")), e.message))?;
-        if !seen.insert(entry.id.as_str()) {
-            return Err(ControlError::unprocessable(
-                Some(format!("[{i}].id")),
-                format!("{:?} appears earlier in the batch", entry.id),
-            ));
-        }
-        entry.spec.validate(now).map_err(|e| {
-            ControlError::unprocessable(Some(format!("[{i}].{}", e.field)), e.message)
-        })?;
-    }
+    let sessions = body::sessions(&s.bytes(body)?, jiff::Timestamp::now())?;
     s.ask(|reply| Command::PutSessions { sessions, reply })
         .await
         .map(Json)
@@ -307,20 +287,13 @@ async fn delete_session(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Body of `PUT /v1/sessions/{id}/posture`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PostureBody {
-    posture: BTreeSet<String>,
-}
-
 async fn set_posture(
     State(s): State<Shared>,
     id: Result<UrlPath<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<SessionView>, ControlError> {
     let id = session_id(id)?;
-    let PostureBody { posture } = body::parse(&s.bytes(body)?)?;
+    let posture = body::posture(&s.bytes(body)?)?;
     s.ask(|reply| Command::SetPosture { id, posture, reply })
         .await
         .map(Json)
@@ -334,18 +307,11 @@ async fn reload(State(s): State<Shared>) -> Result<Json<ReloadView>, ControlErro
     s.ask(|reply| Command::Reload { reply }).await.map(Json)
 }
 
-/// Body of `POST /v1/log`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LogBody {
-    kernel: bool,
-}
-
 async fn set_log(
     State(s): State<Shared>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<LogView>, ControlError> {
-    let LogBody { kernel } = body::parse(&s.bytes(body)?)?;
+    let kernel = body::log(&s.bytes(body)?)?;
     s.ask(|reply| Command::KernelLog {
         enabled: kernel,
         reply,

@@ -3,8 +3,10 @@
 
 mod bench;
 mod build;
+mod fuzz;
 mod run;
 mod setup;
+mod soak;
 mod test;
 mod util;
 
@@ -32,8 +34,18 @@ enum Command {
     /// agent on the gateway with examples/policies.json and show which egress
     /// address each sample flow left from. Ctrl-C tears everything down.
     Run(run::RunArgs),
-    /// Measure the dataplane's per-packet cost and write docs/BENCHMARKS.md.
+    /// Measure the dataplane (per-packet cost, and end to end beside
+    /// nftables and plain forwarding) and write docs/BENCHMARKS.md.
     Bench(bench::BenchArgs),
+    /// Fuzz every parser (policy file, expressions, identities file,
+    /// country CSV/MMDB, API bodies, import input) with cargo-fuzz for
+    /// --seconds N each (default 60); fails on any crash, hang or outsized
+    /// allocation and prints the executions per target.
+    Fuzz(fuzz::FuzzArgs),
+    /// Soak: mixed IPv4/IPv6 TCP, UDP and ICMP traffic under policy reloads
+    /// and session churn for --minutes N (default 10); prints flows, bytes
+    /// verified, peak table fill, agent memory and what the sweeper left.
+    Soak(soak::SoakArgs),
 }
 
 fn main() {
@@ -47,6 +59,8 @@ fn main() {
         Command::Test(args) => test::test(&args),
         Command::Run(args) => run::run(&args),
         Command::Bench(args) => bench::bench(&args),
+        Command::Fuzz(args) => fuzz::fuzz(&args),
+        Command::Soak(args) => soak::soak(&args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

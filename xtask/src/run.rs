@@ -84,8 +84,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     );
     // The example lives in the developer's checkout, which is theirs rather
     // than root's: a deployed agent refuses such a file, the demo allows it.
-    let mut agent =
-        Agent::start_gateway(&agent_bin, &lab, &config, &["--allow-insecure-config"])?;
+    let mut agent = Agent::start_gateway(&agent_bin, &lab, &config, &["--allow-insecure-config"])?;
     agent.wait_ready()?;
 
     println!();

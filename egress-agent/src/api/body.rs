@@ -1,15 +1,76 @@
 //! Request bodies: JSON decoded from the raw bytes so that a refusal names
 //! the field path (`addresses[0]`, `[3].user`), which axum's `Json`
-//! extractor does not.
+//! extractor does not, and checked as far as a body can be alone. Pure
+//! functions of the bytes, so the handlers and the fuzz targets share them.
+
+use std::collections::{BTreeSet, HashSet};
 
 use serde::Deserialize;
 use serde_json::{Value, value::RawValue};
 use serde_path_to_error::{Path as FieldPath, Segment};
 
-use crate::{control::ControlError, control::SessionEntry, identity::SessionSpec};
+use crate::{
+    control::{ControlError, SessionEntry},
+    identity::{SessionSpec, model::validate_id},
+};
+
+/// Body of `PUT /v1/sessions/{id}`: one session, checked as far as it can
+/// be alone (the agent checks what needs the others: overlaps, capacity).
+pub fn session(bytes: &[u8], now: jiff::Timestamp) -> Result<SessionSpec, ControlError> {
+    let spec: SessionSpec = parse(bytes)?;
+    spec.validate(now)?;
+    Ok(spec)
+}
+
+/// Body of `POST /v1/sessions`: a batch with distinct, valid ids, every
+/// session checked as [`session`] checks one.
+pub fn sessions(bytes: &[u8], now: jiff::Timestamp) -> Result<Vec<SessionEntry>, ControlError> {
+    let sessions = parse_batch(bytes)?;
+    let mut seen = HashSet::with_capacity(sessions.len());
+    for (i, entry) in sessions.iter().enumerate() {
+        validate_id(&entry.id)
+            .map_err(|e| ControlError::unprocessable(Some(format!("[{i}].id")), e.message))?;
+        if !seen.insert(entry.id.as_str()) {
+            return Err(ControlError::unprocessable(
+                Some(format!("[{i}].id")),
+                format!("{:?} appears earlier in the batch", entry.id),
+            ));
+        }
+        entry.spec.validate(now).map_err(|e| {
+            ControlError::unprocessable(Some(format!("[{i}].{}", e.field)), e.message)
+        })?;
+    }
+    Ok(sessions)
+}
+
+/// Body of `PUT /v1/sessions/{id}/posture`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PostureBody {
+    posture: BTreeSet<String>,
+}
+
+/// Body of `PUT /v1/sessions/{id}/posture`: the new posture tags.
+pub fn posture(bytes: &[u8]) -> Result<BTreeSet<String>, ControlError> {
+    let PostureBody { posture } = parse(bytes)?;
+    Ok(posture)
+}
+
+/// Body of `POST /v1/log`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogBody {
+    kernel: bool,
+}
+
+/// Body of `POST /v1/log`: whether the kernel log is to be on.
+pub fn log(bytes: &[u8]) -> Result<bool, ControlError> {
+    let LogBody { kernel } = parse(bytes)?;
+    Ok(kernel)
+}
 
 /// Decode a whole body as `T`.
-pub(super) fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ControlError> {
+fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ControlError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de)
         .map_err(|e| refusal("", e.path(), &e.inner().to_string()))?;
@@ -25,7 +86,7 @@ pub(super) fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Contro
 /// nor honours `deny_unknown_fields` through `flatten`; so each entry is
 /// split here, one at a time (the list itself stays raw text, which keeps a
 /// 100 000-entry batch from being held twice as a `Value` tree).
-pub(super) fn parse_batch(bytes: &[u8]) -> Result<Vec<SessionEntry>, ControlError> {
+fn parse_batch(bytes: &[u8]) -> Result<Vec<SessionEntry>, ControlError> {
     let raw: Vec<&RawValue> = parse(bytes)?;
     raw.iter()
         .enumerate()

@@ -4,7 +4,7 @@ mod check;
 mod down;
 mod explain;
 mod flows;
-mod import;
+pub mod import;
 mod log;
 mod maps;
 mod policies;

@@ -78,6 +78,12 @@ pub fn read(path: &Path) -> Result<SourceFile, GeoError> {
         path: path.to_owned(),
         source,
     })?;
+    parse(path, bytes)
+}
+
+/// Parse a database's bytes as [`read`] does; `path` names the file in
+/// errors and its extension (`.mmdb`) chooses the format.
+pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<SourceFile, GeoError> {
     let by_extension = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("mmdb"));
@@ -266,7 +272,9 @@ fn read_mmdb(path: &Path, bytes: Vec<u8>, codes: &mut Codes) -> Result<Ranges, G
         path: path.to_owned(),
         source,
     };
-    let reader = maxminddb::Reader::from_source(bytes).map_err(mmdb_err)?;
+    let reader = maxminddb::Reader::from_source(bytes.as_slice()).map_err(mmdb_err)?;
+    check_walk(&bytes, reader.metadata())
+        .map_err(|message| mmdb_err(maxminddb::MaxMindDbError::invalid_database(message)))?;
     let mut ranges = Ranges::default();
     // A few hundred distinct records serve a million networks: decode each once.
     let mut by_offset: HashMap<usize, Option<(u8, &str)>> = HashMap::new();
@@ -324,6 +332,76 @@ fn read_mmdb(path: &Path, bytes: Vec<u8>, codes: &mut Codes) -> Result<Ranges, G
         }
     }
     Ok(ranges)
+}
+
+/// Visits a walk of a MaxMind DB's search tree may make, per node. A tree
+/// is walked in about two per node (each record is followed once); twice
+/// that leaves room for a writer that shares a few subtrees.
+const MMDB_VISITS_PER_NODE: usize = 4;
+
+/// Check that listing a MaxMind DB's networks takes time in proportion to
+/// its size. The search tree should be a tree, but nothing in the format
+/// makes it one: records of different nodes may point at the same node,
+/// and a chain of 128 nodes whose two records both point at the next (one
+/// kilobyte) describes 2^127 networks, which the reader's iterator would
+/// list forever. So walk the tree the way the iterator does (depth first;
+/// records past `node_count` are leaves; an IPv6 database's IPv4 subtree
+/// is entered only at `::/96`, its aliases are skipped) and give up past
+/// a budget of visits.
+fn check_walk(buf: &[u8], metadata: &maxminddb::Metadata) -> Result<(), String> {
+    let node_count = metadata.node_count as usize;
+    let node_bytes = usize::from(metadata.record_size) / 4;
+    let bits: u32 = if metadata.ip_version == 6 { 128 } else { 32 };
+    let record = |node: usize, right: bool| -> Result<usize, String> {
+        let b = node
+            .checked_mul(node_bytes)
+            .and_then(|at| buf.get(at..at.checked_add(node_bytes)?))
+            .ok_or_else(|| format!("search tree node {node} is past the end of the file"))?;
+        let be = |bytes: &[u8]| bytes.iter().fold(0usize, |n, &b| n << 8 | usize::from(b));
+        Ok(match (metadata.record_size, right) {
+            (24, false) => be(&b[..3]),
+            (24, true) => be(&b[3..6]),
+            (28, false) => usize::from(b[3] >> 4) << 24 | be(&b[..3]),
+            (28, true) => usize::from(b[3] & 0x0f) << 24 | be(&b[4..7]),
+            (32, false) => be(&b[..4]),
+            (32, true) => be(&b[4..8]),
+            (size, _) => return Err(format!("unsupported record size {size}")),
+        })
+    };
+    // As the reader finds it: 96 steps left from the root, if still a node.
+    let mut ipv4_start = 0;
+    if bits == 128 {
+        for _ in 0..96 {
+            if ipv4_start >= node_count {
+                break;
+            }
+            ipv4_start = record(ipv4_start, false)?;
+        }
+    }
+    let budget = node_count
+        .saturating_mul(MMDB_VISITS_PER_NODE)
+        .saturating_add(64);
+    let mut visits = 0usize;
+    // (node, depth, whether every bit so far within the first 96 is 0)
+    let mut stack = vec![(0usize, 0u32, true)];
+    while let Some((node, depth, zero_prefix)) = stack.pop() {
+        visits += 1;
+        if visits > budget {
+            return Err(format!(
+                "the search tree is not a tree: listing its networks visits more than {budget} nodes, and it has {node_count}"
+            ));
+        }
+        let alias = bits == 128 && ipv4_start != 0 && node == ipv4_start && !zero_prefix;
+        // A leaf, an alias of the IPv4 subtree, or a cycle (which the
+        // reader reports itself).
+        if node >= node_count || alias || depth >= bits {
+            continue;
+        }
+        let zero = |right: bool| zero_prefix && !(right && depth < 96);
+        stack.push((record(node, true)?, depth + 1, zero(true)));
+        stack.push((record(node, false)?, depth + 1, zero(false)));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -402,16 +480,27 @@ mod tests {
                 }
             }
             let count = nodes.len();
-            let mut out = Vec::new();
-            for node in &nodes {
-                for rec in node {
-                    let value = match *rec {
+            let records: Vec<[usize; 2]> = nodes
+                .iter()
+                .map(|node| {
+                    node.map(|rec| match rec {
                         Rec::Empty => count,
                         Rec::Node(n) => n,
                         Rec::Data(offset) => count + 16 + offset,
-                    };
-                    out.extend_from_slice(&(value as u32).to_be_bytes()[1..]);
-                }
+                    })
+                })
+                .collect();
+            from_records(&records, &data)
+        }
+
+        /// A database with these node records (values as stored: a node
+        /// number, `len` for "no data", `len + 16 + offset` for a record
+        /// in `data`), whether or not they form a tree.
+        pub fn from_records(records: &[[usize; 2]], data: &[u8]) -> Vec<u8> {
+            let count = records.len();
+            let mut out = Vec::new();
+            for value in records.iter().flatten() {
+                out.extend_from_slice(&(*value as u32).to_be_bytes()[1..]);
             }
             out.extend([0u8; 16]);
             out.extend(data);
@@ -520,6 +609,31 @@ mod tests {
             "registered_country is the fallback"
         );
         assert_eq!(file.unknown_codes, BTreeMap::from([("EU".to_owned(), 1)]));
+    }
+
+    #[test]
+    fn geoip_mmdb_shared_nodes_rejected_not_walked_forever() {
+        // Found while writing the geoip_mmdb fuzz target: 128 nodes whose
+        // two records both point at the next describe 2^127 networks, and
+        // without the check the read never ends.
+        let count = 128;
+        let data = mmdb::map(&[("country_code", mmdb::string("AU"))]);
+        let records: Vec<[usize; 2]> = (0..count)
+            .map(|i| {
+                if i + 1 < count {
+                    [i + 1, i + 1]
+                } else {
+                    [count + 16, count + 16]
+                }
+            })
+            .collect();
+        let err = read_bytes("dag.mmdb", &mmdb::from_records(&records, &data))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("dag.mmdb") && err.contains("the search tree is not a tree"),
+            "a search tree whose nodes are shared is refused, naming the file: {err}"
+        );
     }
 
     #[test]

@@ -94,7 +94,10 @@ pub fn parse(text: &str) -> Result<PolicySet, PolicyError> {
                     message: inner.to_string(),
                 }
             }
-            _ if path == "." => PolicyError::invalid("(top level)", inner.to_string()),
+            // An unknown top-level key "" has the empty path.
+            _ if path == "." || path.is_empty() => {
+                PolicyError::invalid("(top level)", inner.to_string())
+            }
             _ => PolicyError::invalid(path, inner.to_string()),
         }
     })?;
@@ -1074,6 +1077,16 @@ mod tests {
         );
         let err = error(&edited("\"policies\"", "\"colour\": 1, \"policies\""));
         assert!(err.starts_with("colour: unknown field `colour`"), "{err}");
+    }
+
+    #[test]
+    fn parse_empty_top_level_key_named_top_level() {
+        // Found by the policy_file fuzz target: the key "" made the path empty.
+        let err = error(&edited("\"policies\"", "\"\": 1, \"policies\""));
+        assert!(
+            err.starts_with("(top level): unknown field ``"),
+            "the rejection names a place: {err}"
+        );
     }
 
     #[test]
