@@ -46,6 +46,18 @@ pub fn now_ns() -> u64 {
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
+/// How often idle flows are looked for: a quarter of the shortest timeout,
+/// between one and thirty seconds.
+pub fn sweep_interval(t: &Timeouts) -> Duration {
+    let shortest = t
+        .tcp_established
+        .min(t.tcp_transitory)
+        .min(t.tcp_closed)
+        .min(t.udp)
+        .min(t.icmp);
+    (shortest / 4).clamp(Duration::from_secs(1), Duration::from_secs(30))
+}
+
 /// How long a flow may stay idle, from its protocol and the TCP flags seen
 /// in either direction.
 pub fn timeout(timeouts: &Timeouts, protocol: u8, flags: u16, replied: bool) -> Duration {

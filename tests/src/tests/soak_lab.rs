@@ -57,18 +57,6 @@ const DATAPLANE_FIGURES: [&str; 6] = [
 /// a good part of a second.
 const SWEEP_SLACK: Duration = Duration::from_secs(2);
 
-/// The agent's sweep interval: a quarter of the shortest timeout, between
-/// one and thirty seconds (egress-agent/src/cmd/run/mod.rs, `sweep_every`).
-fn sweep_interval(t: &Timeouts) -> Duration {
-    let shortest = t
-        .tcp_established
-        .min(t.tcp_transitory)
-        .min(t.tcp_closed)
-        .min(t.udp)
-        .min(t.icmp);
-    (shortest / 4).clamp(Duration::from_secs(1), Duration::from_secs(30))
-}
-
 /// The pid of the agent listening on `api` (its command line names it).
 fn agent_pid(api: &Path) -> u32 {
     let api = api.to_str().expect("API paths are UTF-8");
@@ -225,7 +213,7 @@ fn soak_mixed_traffic_under_reloads_and_session_churn_intact_and_swept() {
     let timeouts = policy::parse::parse(&policy_file(Variant::A))
         .expect("the soak's policy file is valid")
         .timeouts;
-    let sweep = sweep_interval(&timeouts);
+    let sweep = conntrack::sweep_interval(&timeouts);
     let pins = PinPath::new().unwrap();
     let max_flows = MAX_FLOWS.to_string();
     let mut agent = Agent::steering(

@@ -49,18 +49,6 @@ use crate::{
     trust, uplinks,
 };
 
-/// How often idle flows are looked for: a quarter of the shortest timeout,
-/// between one and thirty seconds.
-fn sweep_every(t: &Timeouts) -> Duration {
-    let shortest = t
-        .tcp_established
-        .min(t.tcp_transitory)
-        .min(t.tcp_closed)
-        .min(t.udp)
-        .min(t.icmp);
-    (shortest / 4).clamp(Duration::from_secs(1), Duration::from_secs(30))
-}
-
 /// The running agent's state, owned by the main task.
 struct Agent {
     config: PathBuf,
@@ -380,7 +368,7 @@ fn field_message(e: &ControlError) -> String {
 /// Expire idle flows, forever (a blocking walk of the tables, off the main task).
 async fn sweep_forever(conntrack: Arc<Mutex<Conntrack>>, timeouts: Arc<Mutex<Timeouts>>) {
     loop {
-        let every = sweep_every(&timeouts.lock().expect("timeouts lock"));
+        let every = crate::conntrack::sweep_interval(&timeouts.lock().expect("timeouts lock"));
         tokio::time::sleep(every).await;
         // Read again after the sleep: a reload in between applies at once.
         let t = *timeouts.lock().expect("timeouts lock");
