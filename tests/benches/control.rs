@@ -11,6 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+#[path = "shared/decoys.rs"]
+mod decoys;
+
+use egress_tests::rng::Rng;
 use egress_tests::{
     agent::{self, Agent},
     geodb,
@@ -30,40 +34,21 @@ const CHANGES: usize = 7;
 /// countries), then the probed policy sending the public server through
 /// pool `probe_pool`, then a catch-all.
 fn policies(n: usize, probe_pool: &str) -> String {
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut rng = Rng::new(0x2545_f491_4f6c_dd1d);
+    let within: ipnet::Ipv4Net = "198.18.0.0/15".parse().expect("a prefix");
     let mut out = Vec::with_capacity(n);
     for i in 0..n - 2 {
-        let r = next();
-        let dst: Vec<String> = (0..1 + r % 3)
-            .map(|_| {
-                let v = next();
-                let len = [16, 20, 24, 28][(v % 4) as usize];
-                let addr = u32::from(Ipv4Addr::new(198, 18, 0, 0)) | ((v >> 8) as u32 & 0x1ffff);
-                let net = ipnet::Ipv4Net::new(Ipv4Addr::from(addr), len)
-                    .unwrap()
-                    .trunc();
-                format!("\"{net}\"")
-            })
-            .collect();
-        let port = 1 + (r >> 20) % 60000;
+        let r = rng.u64();
         let mut extra = String::new();
-        if r % 5 == 0 {
+        if r.is_multiple_of(5) {
             let _ = write!(extra, ", \"groups\": [\"team-{}\"]", r % 40);
         }
-        if r % 7 == 0 {
+        if r.is_multiple_of(7) {
             let _ = write!(extra, ", \"dst_countries\": [\"PT\", \"ES\"]");
         }
+        let selector = decoys::selector(&mut rng, r, within, &[16, 20, 24, 28], &extra);
         out.push(format!(
-            r#"{{ "name": "p{i}", "selector": {{ "dst": [{}], "protocols": ["tcp", "udp"], "dst_ports": ["{port}", "{}-{}"]{extra} }}, "action": {{ "egress": "{}" }} }}"#,
-            dst.join(", "),
-            port + 10,
-            port + 100,
+            r#"{{ "name": "p{i}", "selector": {{ {selector} }}, "action": {{ "egress": "{}" }} }}"#,
             if i % 2 == 0 { "a" } else { "b" }
         ));
     }

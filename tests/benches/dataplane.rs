@@ -14,6 +14,8 @@
 //! both inserts, the rewrite, plus the two removals) or = 1 (classification
 //! and rewrite only, no table writes).
 
+#[path = "shared/decoys.rs"]
+mod decoys;
 #[path = "../src/tests/packet.rs"]
 #[expect(
     dead_code,
@@ -21,7 +23,10 @@
 )]
 mod packet;
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
+};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use egress_agent::{
@@ -37,6 +42,7 @@ use egress_agent::{
 };
 use egress_common::maps;
 use egress_tests::geodb;
+use egress_tests::rng::Rng;
 
 /// The client, and the address its flows are translated to (and back).
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 2);
@@ -169,54 +175,31 @@ impl Bench {
 /// A policy set of `n` policies shaped like real ones: destination prefixes
 /// of partners, protocols and ports, some for groups, a catch-all last.
 fn policies(n: usize) -> String {
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut rng = Rng::new(0x2545_f491_4f6c_dd1d);
+    // Destinations inside 198.18.0.0/15 (the benchmarking range).
+    let within: ipnet::Ipv4Net = "198.18.0.0/15".parse().expect("a prefix");
     let mut out = Vec::with_capacity(n);
     for i in 0..n.saturating_sub(3) {
-        let r = next();
-        // Destinations inside 198.18.0.0/15 (the benchmarking range).
-        let dst: Vec<String> = (0..1 + r % 3)
-            .map(|_| {
-                let v = next();
-                let len = [16, 20, 24, 28][(v % 4) as usize];
-                let addr = u32::from(Ipv4Addr::new(198, 18, 0, 0)) | ((v >> 8) as u32 & 0x1ffff);
-                let net = ipnet::Ipv4Net::new(Ipv4Addr::from(addr), len)
-                    .unwrap()
-                    .trunc();
-                format!("\"{net}\"")
-            })
-            .collect();
-        // A third also name IPv6 destinations in 2001:2::/48 (the IPv6
+        let r = rng.u64();
+        let mut extra = String::new();
+        if r.is_multiple_of(5) {
+            let _ = write!(extra, ", \"groups\": [\"team-{}\"]", r % 40);
+        }
+        let mut selector = decoys::selector(&mut rng, r, within, &[16, 20, 24, 28], &extra);
+        // A third also name an IPv6 destination in 2001:2::/48 (the IPv6
         // benchmarking range).
-        let dst6: Vec<String> = if r % 3 == 0 {
-            let v = next();
+        if r.is_multiple_of(3) {
+            let v = rng.u64();
             let len = [56, 60, 64][(v % 3) as usize];
-            let addr = (u128::from(Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0)))
+            let addr = u128::from(Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0))
                 | (u128::from((v >> 8) as u16) << 64);
             let net = ipnet::Ipv6Net::new(Ipv6Addr::from(addr), len)
                 .unwrap()
                 .trunc();
-            vec![format!("\"{net}\"")]
-        } else {
-            Vec::new()
-        };
-        let dst: Vec<String> = dst.into_iter().chain(dst6).collect();
-        let port = 1 + (r >> 20) % 60000;
-        let group = if r % 5 == 0 {
-            format!(", \"groups\": [\"team-{}\"]", r % 40)
-        } else {
-            String::new()
-        };
+            selector = selector.replacen("\"dst\": [", &format!("\"dst\": [\"{net}\", "), 1);
+        }
         out.push(format!(
-            r#"{{ "name": "p{i}", "selector": {{ "dst": [{}], "protocols": ["tcp", "udp"], "dst_ports": ["{port}", "{}-{}"]{group} }}, "action": {{ "egress": "pool{}" }} }}"#,
-            dst.join(", "),
-            port + 10,
-            port + 100,
+            r#"{{ "name": "p{i}", "selector": {{ {selector} }}, "action": {{ "egress": "pool{}" }} }}"#,
             i % 4
         ));
     }

@@ -18,6 +18,8 @@
 //! (a policy file, or a count for the bench's generated file) only prints
 //! both nftables rulesets and exits.
 
+#[path = "shared/decoys.rs"]
+mod decoys;
 #[path = "e2e/load.rs"]
 mod load;
 #[path = "e2e/nft.rs"]

@@ -9,6 +9,7 @@ pub mod lab;
 pub mod netns;
 pub mod pins;
 pub mod probe;
+pub mod rng;
 pub mod soak;
 pub mod tempdir;
 pub mod traffic;

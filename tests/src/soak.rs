@@ -28,6 +28,7 @@ use etherparse::{IcmpEchoHeader, Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6T
 use nix::sched::{CloneFlags, setns};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::rng::Rng;
 use crate::{
     lab::{
         DEDICATED_PRIMARY, GW_UPLINK, GW_UPLINK6, Lab, SERVER_INTERNAL, SERVER_PARTNER,
@@ -642,40 +643,6 @@ impl Shared {
     }
 }
 
-/// A small xorshift generator: sizes and destinations vary without a
-/// dependency, and a worker's sequence is reproducible from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-/// The servers a worker of the family talks to.
-fn servers(v6: bool) -> Vec<IpAddr> {
-    if v6 {
-        vec![SERVER6_A.into(), SERVER6_B.into()]
-    } else {
-        vec![
-            SERVER_PARTNER.into(),
-            SERVER_PUBLIC.into(),
-            SERVER_INTERNAL.into(),
-        ]
-    }
-}
-
 /// Byte-for-byte comparison: (equal, different) over the common length.
 fn compare(sent: &[u8], got: &[u8]) -> (u64, u64) {
     let same = sent.iter().zip(got).filter(|(a, b)| a == b).count() as u64;
@@ -718,6 +685,19 @@ fn seen_in(line: &str) -> anyhow::Result<SocketAddr> {
 
 /// One short connection (its source checked once the server reported
 /// it): send `payload` while reading the echo to EOF. Returns (verified,
+/// The servers a worker of the family talks to.
+fn servers(v6: bool) -> Vec<IpAddr> {
+    if v6 {
+        vec![SERVER6_A.into(), SERVER6_B.into()]
+    } else {
+        vec![
+            SERVER_PARTNER.into(),
+            SERVER_PUBLIC.into(),
+            SERVER_INTERNAL.into(),
+        ]
+    }
+}
+
 /// corrupted, missing) bytes.
 fn tcp_short(
     shared: &Shared,
@@ -750,7 +730,7 @@ fn tcp_short(
 
 fn tcp_short_worker(shared: &Shared, worker: u64, v6: bool) {
     let servers = servers(v6);
-    let mut rng = Rng::new(worker);
+    let mut rng = Rng::new(worker.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let mut n = worker;
     while !shared.stopped() {
         n += 1;
@@ -819,7 +799,7 @@ fn tcp_long(shared: &Shared, src: IpAddr, dst: SocketAddr, seed: u64) -> anyhow:
 
 fn tcp_long_worker(shared: &Shared, worker: u64, v6: bool) {
     let servers = servers(v6);
-    let mut rng = Rng::new(worker);
+    let mut rng = Rng::new(worker.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let mut n = worker;
     while !shared.stopped() {
         n += 1;
@@ -829,7 +809,7 @@ fn tcp_long_worker(shared: &Shared, worker: u64, v6: bool) {
             TCP_PORTS[rng.below(TCP_PORTS.len())],
         );
         // Seeds stay small: `pattern` multiplies them.
-        match tcp_long(shared, src, dst, rng.next() >> 40) {
+        match tcp_long(shared, src, dst, rng.u64() >> 40) {
             Ok(()) => {
                 shared
                     .counters(Kind::TcpLong, v6)
@@ -938,7 +918,7 @@ fn udp_flow(
 
 fn udp_worker(shared: &Shared, (worker, lane): (u64, u64), v6: bool) {
     let servers = servers(v6);
-    let mut rng = Rng::new(worker);
+    let mut rng = Rng::new(worker.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let mut n = 0;
     while !shared.stopped() {
         n += 1;
@@ -1033,7 +1013,7 @@ fn ping(
 
 fn icmp_worker(shared: &Shared, (worker, lane): (u64, u64), v6: bool) {
     let servers = servers(v6);
-    let mut rng = Rng::new(worker);
+    let mut rng = Rng::new(worker.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let mut n = 0;
     while !shared.stopped() {
         n += 1;

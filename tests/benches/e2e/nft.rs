@@ -12,6 +12,7 @@
 //! [`Plan::lookup`] evaluates the tree as the kernel will, for the bench's
 //! self-check against the agent's reference evaluator.
 
+use egress_tests::rng::Rng;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt::Write as _,
@@ -774,13 +775,7 @@ fn map_rule(
 pub fn self_check(set: &PolicySet, plan: &Plan, n: usize) -> Result<(), String> {
     use egress_agent::policy::eval::{Context, Flow};
     let Rules { rules, .. } = rules(set)?;
-    let mut rng = 0x1234_5678_9abc_def1u64;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut rng = Rng::new(0x1234_5678_9abc_def1);
     let edges: Vec<u32> = rules
         .iter()
         .flat_map(|r| {
@@ -801,7 +796,7 @@ pub fn self_check(set: &PolicySet, plan: &Plan, n: usize) -> Result<(), String> 
         .filter(|&p| p <= PORT_MAX)
         .collect();
     for k in 0..n {
-        let r = next();
+        let r = rng.u64();
         let dst = if !edges.is_empty() && k % 2 == 0 {
             edges[(r % edges.len() as u64) as usize]
         } else {

@@ -5,6 +5,9 @@
 
 use std::net::Ipv4Addr;
 
+use crate::decoys;
+use egress_tests::rng::Rng;
+
 /// The server every measured flow goes to (nginx, iperf3, the probe).
 pub const SERVER: Ipv4Addr = egress_tests::lab::SERVER_PUBLIC;
 /// The address the last policy gives the measured flows.
@@ -27,34 +30,15 @@ pub const PROBE_PORT: u16 = 7777;
 /// share every address: first-match order then makes an exact nftables
 /// decision tree grow with the square of the overlap.)
 pub fn generate(n: usize) -> String {
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
+    let within: ipnet::Ipv4Net = "10.128.0.0/9".parse().expect("a prefix");
     let mut out = Vec::with_capacity(n);
     for i in 0..n.saturating_sub(1) {
-        let r = next();
-        let dst: Vec<String> = (0..1 + r % 3)
-            .map(|_| {
-                let v = next();
-                let len = [18u8, 20, 24, 28][(v % 4) as usize];
-                let addr = u32::from(Ipv4Addr::new(10, 128, 0, 0)) | ((v >> 8) as u32 & 0x7f_ffff);
-                let net = ipnet::Ipv4Net::new(Ipv4Addr::from(addr), len)
-                    .expect("prefix length at most 32")
-                    .trunc();
-                format!("\"{net}\"")
-            })
-            .collect();
-        let port = 1 + (r >> 20) % 60000;
+        let r = rng.u64();
+        let selector = decoys::selector(&mut rng, r, within, &[18, 20, 24, 28], "");
         let egress = if i % 4 == 3 { "default" } else { "decoy" };
         out.push(format!(
-            r#"{{ "name": "decoy-{i}", "selector": {{ "dst": [{}], "protocols": ["tcp", "udp"], "dst_ports": ["{port}", "{}-{}"] }}, "action": {{ "egress": "{egress}" }} }}"#,
-            dst.join(", "),
-            port + 10,
-            port + 100,
+            r#"{{ "name": "decoy-{i}", "selector": {{ {selector} }}, "action": {{ "egress": "{egress}" }} }}"#
         ));
     }
     out.push(format!(

@@ -26,6 +26,7 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 
 use super::{nat_lab::policy_set, prog_test_run::require_root, steer_e2e::tcx_programs};
+use crate::rng::Rng;
 use crate::{
     agent::{self, Agent},
     lab::{
@@ -761,23 +762,11 @@ fn faults_flow_log_disk_full_traffic_flows_lost_counted_then_resumes() {
     finish(stream, "flow log disk full");
 }
 
-/// A small seeded PRNG (SplitMix64): the kill moments are random but the
-/// same on every run.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+/// A fourth server address, added to the internet namespace.
+const SERVER_EXTRA: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 30);
+/// Bypassed prefixes that differ between the sets: they tell in the pinned
+/// tries which set each generation holds, and how far a reload got.
+const FILLER: u32 = 3000;
 
 /// The two policy sets the agent is killed between.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -785,12 +774,6 @@ enum Set {
     A,
     B,
 }
-
-/// A fourth server address, added to the internet namespace.
-const SERVER_EXTRA: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 30);
-/// Bypassed prefixes that differ between the sets: they tell in the pinned
-/// tries which set each generation holds, and how far a reload got.
-const FILLER: u32 = 3000;
 
 impl Set {
     fn other(self) -> Self {
@@ -1000,7 +983,7 @@ fn faults_agent_killed_mid_reload_dataplane_on_one_set_then_recovers() {
     agent.signal(Signal::SIGKILL).unwrap();
     assert!(!agent.stop().unwrap().success());
 
-    let mut rng = SplitMix(SEED);
+    let mut rng = Rng::new(SEED);
     let mut current = Set::B;
     // Kill moments spread over the whole reload and as long again, so
     // that kills land before it writes, while it writes and after the
@@ -1019,7 +1002,7 @@ fn faults_agent_killed_mid_reload_dataplane_on_one_set_then_recovers() {
         let mut agent = Agent::steering(&lab, &config, &args).unwrap();
         let target = current.other();
         dir.write("policies.json", &target.policies());
-        let delay = Duration::from_millis(rng.below(window));
+        let delay = Duration::from_millis(rng.below(window as usize) as u64);
         agent.signal(Signal::SIGHUP).unwrap();
         std::thread::sleep(delay);
         agent.signal(Signal::SIGKILL).unwrap();

@@ -16,6 +16,7 @@ use egress_agent::{
 use egress_common::{classify::NO_MATCH, flow::proto};
 
 use super::prog_test_run::{Dp, first_packet, recorded_policy};
+use crate::rng::Rng;
 use crate::{
     geodb,
     lab::{CLIENT, CLIENT6},
@@ -89,41 +90,24 @@ impl Prober {
     }
 }
 
-/// splitmix64: a small seeded generator, so a failure can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u128) -> u128 {
-        (u128::from(self.next()) << 64 | u128::from(self.next())) % n
-    }
-}
-
 /// Random destinations: a quarter anywhere in the family's space (mostly
 /// unknown for IPv6), the rest inside or at the edge of a listed range.
 fn sample(rng: &mut Rng, merged: &Merged, n: usize, v6: bool) -> Vec<IpAddr> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         let (first, last, bits) = if v6 {
-            let s = merged.v6[rng.below(merged.v6.len() as u128) as usize];
+            let s = merged.v6[rng.below(merged.v6.len())];
             (s.first, s.last, 128)
         } else {
-            let s = merged.v4[rng.below(merged.v4.len() as u128) as usize];
+            let s = merged.v4[rng.below(merged.v4.len())];
             (u128::from(s.first), u128::from(s.last), 32)
         };
         let raw = match rng.below(8) {
-            0 | 1 => rng.below(u128::MAX) >> (128 - bits),
+            0 | 1 => rng.below128(u128::MAX) >> (128 - bits),
             2 => first,
             3 => last,
             4 => last.wrapping_add(1) & (u128::MAX >> (128 - bits)),
-            _ => first + rng.below(last - first + 1),
+            _ => first + rng.below128(last - first + 1),
         };
         let addr = if v6 {
             IpAddr::V6(Ipv6Addr::from(raw))
@@ -181,7 +165,7 @@ fn geo_full_database_kernel_agrees_with_mmdb_reader() {
     };
     let seed = seed();
     eprintln!("geo: seed {seed} (replay with GEO_TEST_SEED={seed})");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
 
     let start = Instant::now();
     let (from_csv, csv_stats) = geoip::load(&db.csv()).unwrap_or_else(|e| panic!("{e}"));

@@ -872,7 +872,7 @@ fn fuzz(seed: u64, count: u64) -> Report {
     while done.iter().any(|d| *d < count) {
         fuzz.rig.flush();
         fuzz.generator.forget();
-        let mut rng = Rng::for_packet(seed, 2, epoch);
+        let mut rng = Rng::for_item(seed, 2, epoch);
         for frame in fuzz.generator.seeds(&mut rng) {
             if done[0] >= count {
                 break;
@@ -886,7 +886,7 @@ fn fuzz(seed: u64, count: u64) -> Report {
                 if index >= count {
                     continue;
                 }
-                let mut rng = Rng::for_packet(seed, dir as u64, index);
+                let mut rng = Rng::for_item(seed, dir as u64, index);
                 let class = Class::choose(&mut rng);
                 let frame = fuzz.generator.generate(&mut rng, class, dir);
                 fuzz.one(&mut rng, dir, class, index, &frame);

@@ -23,6 +23,7 @@ use egress_agent::{
 };
 
 use super::prog_test_run::require_root;
+use crate::rng::Rng;
 use crate::{
     agent::Agent,
     lab::{Lab, UPLINK, servers},
@@ -255,7 +256,7 @@ fn soak_mixed_traffic_under_reloads_and_session_churn_intact_and_swept() {
     };
 
     // The churn: one change at a time, each confirmed by the agent.
-    let mut rng = 0x5eed_u64;
+    let mut rng = Rng::new(0x5eed);
     let (mut reloads, mut adds, mut removes) = (0u64, 0u64, 0u64);
     let mut rss_start = None;
     let mut next_reload = started + RELOAD_EVERY;
@@ -278,10 +279,7 @@ fn soak_mixed_traffic_under_reloads_and_session_churn_intact_and_swept() {
             reloads += 1;
             next_reload += RELOAD_EVERY;
         } else if now >= next_session {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            let i = (rng % u64::from(CLIENTS)) as u8;
+            let i = rng.below(usize::from(CLIENTS)) as u8;
             let mut state = timeline.latest();
             let present = !state.has_session(i);
             state.sessions ^= 1 << i;
