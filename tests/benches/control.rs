@@ -173,6 +173,10 @@ fn main() -> anyhow::Result<()> {
         path(&mmdb),
         "--max-sessions",
         "131071",
+        // 4096 overlapping generated policies may need more than the
+        // default 16 384 classes, as a large real set may.
+        "--max-classes",
+        "32768",
     ]
     .map(str::to_owned)
     .to_vec();

@@ -19,6 +19,9 @@ use egress_tests::{
     netns::NetNs,
 };
 
+/// `--max-classes` for the agent under test.
+const MAX_CLASSES: &str = "65536";
+
 /// Every kernel thread whose name starts with `napi/`, by thread id.
 fn napi_threads() -> BTreeSet<(u32, String)> {
     let mut out = BTreeSet::new();
@@ -229,9 +232,17 @@ impl Rig {
         })
     }
 
-    /// Start the agent on the gateway with `config` and count its CPU.
+    /// Start the agent on the gateway with `config` and count its CPU. The
+    /// classifier is sized for the largest generated set (4096 overlapping
+    /// decoys need a little over the default 16 384 classes), as an
+    /// operator would size it.
     pub fn start_agent(&mut self, config: &Path) -> anyhow::Result<Agent> {
-        let agent = Agent::start_gateway(&agent::binary(), &self.lab, config, &[])?;
+        let agent = Agent::start_gateway(
+            &agent::binary(),
+            &self.lab,
+            config,
+            &["--max-classes", MAX_CLASSES],
+        )?;
         agent
             .wait_for(agent::READY, Duration::from_secs(120))
             .context("waiting for the agent to steer")?;
