@@ -147,7 +147,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         let _ = writeln!(s, "{PER_PACKET}\n");
         let _ = writeln!(
             s,
-            "Command: `cargo xtask bench --repeat {} --runs {}`. Packets are realistic Ethernet/IPv4/TCP frames with a 64-byte payload. The policy sets are generated: each policy names 1-3 destination prefixes, TCP/UDP, a port and a port range, a fifth of them a group, and the measured flow is taken by a rule at the end of the list. See `tests/benches/dataplane.rs` for how each repetition is kept on the same path.\n",
+            "Command: `cargo xtask bench --repeat {} --runs {}`. Packets are realistic Ethernet/IPv4 and Ethernet/IPv6 TCP frames with a 64-byte payload. The policy sets are generated: each policy names 1-3 destination prefixes (a third also an IPv6 one), TCP/UDP, a port and a port range, a fifth of them a group, and the measured flow is taken by a rule at the end of the list. See `tests/benches/dataplane.rs` for how each repetition is kept on the same path.\n",
             args.repeat, args.runs
         );
         s.push_str(&table);
