@@ -22,15 +22,13 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post, put},
 };
-use log::{debug, error, warn};
-use tokio::{
-    sync::{mpsc, oneshot},
-    task::JoinHandle,
-};
+use log::debug;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     control::{BatchReport, Command, ControlError, LogView, PolicyView, ReloadView, Reply},
     identity::{SessionSpec, SessionView, model::validate_id},
+    server_task::ServerTask,
 };
 
 /// Where `egress-agent run` listens and the CLI connects by default.
@@ -84,8 +82,7 @@ pub enum ApiError {
 pub struct ApiServer {
     path: PathBuf,
     file: socket::FileId,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+    server: ServerTask,
 }
 
 impl ApiServer {
@@ -97,28 +94,15 @@ impl ApiServer {
     /// Stop accepting, let requests in flight finish (for a few seconds at
     /// most), and remove the socket file.
     pub async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(mut task) = self.task.take()
-            && tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
-                .await
-                .is_err()
-        {
-            warn!(
-                "control API {}: requests still running after {SHUTDOWN_GRACE:?}; closing them",
-                self.path.display()
-            );
-            task.abort();
-        }
+        self.server.shutdown(SHUTDOWN_GRACE, "requests").await;
         socket::remove_if_ours(&self.path, self.file);
     }
 }
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
+        // After `shutdown` the task is gone and the socket already removed.
+        if self.server.abort() {
             socket::remove_if_ours(&self.path, self.file);
         }
     }
@@ -140,24 +124,18 @@ pub async fn serve(
         tx,
         max_body: limits.max_body,
     });
-    let (stop, stopped) = oneshot::channel::<()>();
-    let shown = path.display().to_string();
-    let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async {
+    let server = ServerTask::spawn(format!("control API {}", path.display()), |stopped| {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
                 let _ = stopped.await;
             })
-            .await;
-        if let Err(e) = served {
-            error!("control API {shown}: {e}");
-        }
+            .into_future()
     });
     debug!("control API listening on {}", path.display());
     Ok(ApiServer {
         path: path.to_owned(),
         file,
-        stop: Some(stop),
-        task: Some(task),
+        server,
     })
 }
 

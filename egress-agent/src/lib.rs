@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod pin;
 pub mod policy;
 pub mod ports;
+pub mod server_task;
 pub mod slot_names;
 pub mod switches;
 pub mod tables;

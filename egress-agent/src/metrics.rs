@@ -11,15 +11,16 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use log::{error, warn};
 use prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 use tokio::{
     net::TcpListener,
     sync::{mpsc, oneshot},
-    task::JoinHandle,
 };
 
-use crate::control::{Command, ControlError};
+use crate::{
+    control::{Command, ControlError},
+    server_task::ServerTask,
+};
 
 /// How long `shutdown` lets scrapes in flight finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -44,8 +45,7 @@ pub enum MetricsError {
 /// stops it without waiting for scrapes in flight.
 pub struct MetricsServer {
     addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+    server: ServerTask,
 }
 
 impl MetricsServer {
@@ -56,28 +56,7 @@ impl MetricsServer {
 
     /// Stop accepting and let scrapes in flight finish (briefly).
     pub async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(mut task) = self.task.take()
-            && tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
-                .await
-                .is_err()
-        {
-            warn!(
-                "metrics endpoint {}: scrapes still running after {SHUTDOWN_GRACE:?}; closing them",
-                self.addr
-            );
-            task.abort();
-        }
-    }
-}
-
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
+        self.server.shutdown(SHUTDOWN_GRACE, "scrapes").await;
     }
 }
 
@@ -97,21 +76,16 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .fallback(no_route)
         .with_state(tx);
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async {
+    let server = ServerTask::spawn(format!("metrics endpoint {bound}"), |stopped| {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
                 let _ = stopped.await;
             })
-            .await;
-        if let Err(e) = served {
-            error!("metrics endpoint {bound}: {e}");
-        }
+            .into_future()
     });
     Ok(MetricsServer {
         addr: bound,
-        stop: Some(stop),
-        task: Some(task),
+        server,
     })
 }
 
