@@ -17,8 +17,9 @@ use egress_common::{
 use etherparse::PacketBuilder;
 
 use super::{
+    nat_packets::{in_ok, out_ok},
     packet::{self, sa, sa6},
-    prog_test_run::{Dp, TC_ACT_OK, TC_ACT_SHOT},
+    prog_test_run::{Dp, TC_ACT_SHOT},
 };
 use crate::lab::{
     CLIENT, CLIENT6, DEDICATED_PRIMARY, GW_UPLINK, SERVER_PARTNER, SERVER_PUBLIC, SERVER6_A,
@@ -87,18 +88,6 @@ fn tcp_closing(src: SocketAddrV4, dst: SocketAddrV4, rst: bool) -> Vec<u8> {
     };
     let mut out = Vec::with_capacity(builder.size(0));
     builder.write(&mut out, &[]).unwrap();
-    out
-}
-
-fn out_ok(dp: &mut Dp, frame: &[u8]) -> Vec<u8> {
-    let (verdict, out) = dp.egress(frame);
-    assert_eq!(verdict, TC_ACT_OK, "the outgoing packet must pass");
-    out
-}
-
-fn in_ok(dp: &mut Dp, frame: &[u8]) -> Vec<u8> {
-    let (verdict, out) = dp.ingress(frame);
-    assert_eq!(verdict, TC_ACT_OK, "the reply must pass");
     out
 }
 

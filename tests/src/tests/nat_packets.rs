@@ -102,14 +102,14 @@ fn hop_limit_exceeded() -> Icmpv6Type {
 }
 
 /// Send `frame` out and return what left, asserting that it passed.
-fn out_ok(dp: &mut Dp, frame: &[u8]) -> Vec<u8> {
+pub(super) fn out_ok(dp: &mut Dp, frame: &[u8]) -> Vec<u8> {
     let (verdict, out) = dp.egress(frame);
     assert_eq!(verdict, TC_ACT_OK, "the outgoing packet must pass");
     out
 }
 
 /// Send `frame` in and return what arrived, asserting that it passed.
-fn in_ok(dp: &mut Dp, frame: &[u8]) -> Vec<u8> {
+pub(super) fn in_ok(dp: &mut Dp, frame: &[u8]) -> Vec<u8> {
     let (verdict, out) = dp.ingress(frame);
     assert_eq!(verdict, TC_ACT_OK, "the incoming packet must pass");
     out
